@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatrain",
+    version="0.1.0",
+    description="Train LLaMA-family models at scale: tensor, pipeline and ZeRO data parallelism through DeepSpeed.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatrain", "megatrain.*"]),
+    py_modules=[],
+    include_package_data=True,
+    package_data={"megatrain": ["ds_configs/*.json"]},
+    install_requires=[
+        "torch>=2.10",
+        "deepspeed",
+        "numpy",
+        "sentencepiece",
+        "mpi4py",
+        "wandb",
+        "pyyaml",
+        "safetensors",
+        "tqdm",
+        "gguf",
+    ],
+    extras_require={"test": ["pytest", "transformers"]},
+    entry_points={
+        "console_scripts": [
+            "megatrain-train=megatrain.train:main",
+        ]
+    },
+)

@@ -1,0 +1,530 @@
+"""One typed config tree for a megatrain run.
+
+A run is a YAML file plus ``dotted.key=value`` overrides. Loading goes:
+defaults -> YAML -> overrides, then ``model.preset`` (if given) fills every model
+field that neither the YAML nor an override set, then :func:`validate` checks
+the whole tree once and names the field at fault.
+
+Every field carries its documentation as ``metadata["doc"]``; ``--help-config``
+prints them. Components receive their own section (``cfg.model``,
+``cfg.data`` ...), never the whole tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem in the run configuration; the message names the field."""
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+def _sub(cls: type, doc: str) -> Any:
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RopeScalingConfig:
+    """Llama-3.1 style frequency-dependent RoPE scaling (``rope_type: llama3``)."""
+
+    factor: float = _f(8.0, "how much longer than the original context the model is meant to read")
+    low_freq_factor: float = _f(1.0, "wavelengths longer than original_max / low_freq_factor are scaled by 1/factor")
+    high_freq_factor: float = _f(4.0, "wavelengths shorter than original_max / high_freq_factor are kept")
+    original_max_position_embeddings: int = _f(8192, "context length the unscaled model was trained at")
+
+
+@dataclass
+class ModelConfig:
+    """LLaMA architecture. ``preset`` fills every field the run did not set itself."""
+
+    preset: Optional[str] = _f(None, "named shape (debug, demo, llama2-7b, llama3-8b, tinyllama-1.1b, ...)")
+    hidden_size: int = _f(256, "model width C")
+    num_layers: int = _f(4, "number of transformer blocks")
+    num_heads: int = _f(8, "query heads per layer")
+    num_kv_heads: Optional[int] = _f(None, "key/value heads (grouped-query attention); None means num_heads")
+    ffn_hidden_size: Optional[int] = _f(None, "SwiGLU inner width; None derives it from multiple_of and ffn_dim_multiplier as LLaMA does")
+    multiple_of: int = _f(256, "the derived FFN width is rounded up to a multiple of this")
+    ffn_dim_multiplier: Optional[float] = _f(None, "scales the derived FFN width (LLaMA-2 70B: 1.3, LLaMA-3: 1.3 / 1.5)")
+    vocab_size: int = _f(32000, "vocabulary size; must match the tokenizer and the dataset sidecar")
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon")
+    rope_theta: float = _f(10000.0, "RoPE base frequency")
+    rope_scaling: Optional[RopeScalingConfig] = _f(None, "Llama-3.1 RoPE scaling; null for none")
+    max_seq_len: int = _f(2048, "longest sequence the RoPE tables are built for")
+    tie_embeddings: bool = _f(False, "share the input embedding and the output head")
+    init_std: float = _f(0.02, "std of the normal init; residual output projections use init_std / sqrt(2 * num_layers)")
+    dropout: float = _f(0.0, "dropout on attention output and MLP output (LLaMA pretraining uses 0)")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        """SwiGLU width: explicit, or LLaMA's int(2/3 * 4C) * multiplier rounded up to multiple_of."""
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        hidden = int(2 * (4 * self.hidden_size) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is cut: TP innermost, then DP, then PP. DP is what is left."""
+
+    tensor: int = _f(1, "tensor-parallel size (ranks that split every weight matrix)")
+    pipeline: int = _f(1, "pipeline-parallel size (stages)")
+    pipeline_partition: str = _f("parameters", "how blocks are placed on stages: parameters | uniform | type:<regex>")
+    activation_checkpoint_interval: int = _f(0, "pipeline only: checkpoint every N layers (0 = off)")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from (Megatron .bin/.idx prefixes) and how they are split and mixed."""
+
+    path: Optional[str] = _f(None, "a dataset prefix, or a blend 'W1 P1 W2 P2 ...'; None runs the built-in demo corpus")
+    tokenizer: Optional[str] = _f(None, "sentencepiece .model file; checked against the dataset sidecar")
+    split: str = _f("969,30,1", "train,valid,test weights over documents")
+    cache_dir: Optional[str] = _f(None, "where sample indices are cached (.npy); default: next to the dataset")
+    num_workers: int = _f(0, "background processes that assemble batches (0 = in the training process, with a prefetch thread)")
+    verify: str = _f("sizes", "dataset check at start: sizes (index vs file sizes) | full (every token < vocab)")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW. Norm weights and biases get no weight decay."""
+
+    lr: float = _f(3e-4, "peak learning rate")
+    min_lr: float = _f(3e-5, "learning rate at the end of the decay")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    weight_decay: float = _f(0.1, "decoupled weight decay (not applied to norms and biases)")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then a decay to optimizer.min_lr."""
+
+    warmup_steps: int = _f(100, "linear warmup from 0 to the peak LR")
+    decay: str = _f("cosine", "cosine | linear | constant | wsd")
+    decay_steps: Optional[int] = _f(None, "steps from the start to the end of decay; None means train.max_steps")
+    wsd_decay_fraction: float = _f(0.2, "wsd: the final fraction of decay_steps spent cooling down linearly")
+
+
+@dataclass
+class TrainConfig:
+    """The step loop: batch shape, length, precision, resume and failure policies."""
+
+    max_steps: int = _f(1000, "optimizer steps to train")
+    seq_len: int = _f(256, "tokens per sample (inputs); each sample reads seq_len + 1 tokens")
+    micro_batch_size: int = _f(4, "samples per forward/backward on one data-parallel rank")
+    global_batch_size: Optional[int] = _f(None, "samples per optimizer step over all DP ranks; None = micro_batch x DP")
+    precision: str = _f("bf16", "fp32 | bf16 | fp16 (bf16/fp16 keep fp32 master weights)")
+    seed: int = _f(1234, "seeds weights, data order and dropout")
+    resume: str = _f("auto", "auto (newest complete checkpoint, else fresh) | never | PATH")
+    resume_allow_changes: list = _f([], "what may differ from the checkpoint: data, tokenizer, model, schedule")
+    deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible resume, slower)")
+    nonfinite: str = _f("skip", "NaN/Inf loss or grad norm: skip (drop the update) | abort")
+    max_nonfinite_in_a_row: int = _f(10, "skip policy: abort after this many non-finite steps in a row")
+    spike_zscore: float = _f(0.0, "treat a loss this many std above the recent mean as a spike (0 = off)")
+    spike_window: int = _f(100, "steps of loss history for the spike z-score")
+    max_wall_time: Optional[float] = _f(None, "seconds: save and exit with the requeue code before this budget runs out")
+    activation_checkpointing: str = _f("none", "none | full | selective (recompute attention core + MLP activations)")
+    fused_kernels: str = _f("auto", "auto (Triton on GPU, PyTorch elsewhere) | triton | torch")
+    compile: bool = _f(False, "torch.compile each block")
+    loss_chunk_tokens: int = _f(4096, "tokens per chunk of the fused head + cross-entropy (bounds fp32 logits memory)")
+
+
+@dataclass
+class EvalConfig:
+    """Validation loss and text samples."""
+
+    interval: int = _f(0, "evaluate on the valid split every N steps (0 = only at the end)")
+    steps: int = _f(10, "micro-batches per evaluation")
+    sample_interval: int = _f(0, "print generated text every N steps (0 = only at the end)")
+    prompts: list = _f(["The "], "prompts for text samples")
+    sample_tokens: int = _f(32, "tokens generated per prompt")
+    top_p: float = _f(0.0, "nucleus sampling threshold (0 = greedy)")
+    temperature: float = _f(1.0, "sampling temperature (with top_p)")
+
+
+@dataclass
+class DeepSpeedSection:
+    """Engine settings. Batch, precision, clipping and the optimizer come from the sections above."""
+
+    template: Optional[str] = _f(None, "ds_configs/ name or JSON path; None picks one from zero_stage, offload and pipeline")
+    zero_stage: int = _f(1, "ZeRO stage 0-3 (stages 2/3 do not combine with pipeline parallelism)")
+    offload: str = _f("none", "none | optimizer | all (all = optimizer and parameters; ZeRO-3 only)")
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving cadence and integrity."""
+
+    interval: int = _f(0, "save every N steps (0 = only at the end)")
+    keep_last: int = _f(3, "keep the newest N checkpoints (0 = keep all)")
+    keep_every: int = _f(0, "additionally keep every checkpoint whose step is a multiple of this (0 = off)")
+    verify: str = _f("sizes", "check the manifest at load: off | sizes | full (SHA-256 of every file)")
+    save_at_end: bool = _f(True, "save when training finishes")
+
+
+@dataclass
+class LoggingConfig:
+    """Console, metrics.jsonl and wandb."""
+
+    interval: int = _f(10, "print and record metrics every N steps")
+    level: str = _f("INFO", "log level of rank 0 (other ranks log warnings and errors)")
+    all_ranks: bool = _f(False, "let every rank log at the chosen level")
+    wandb_project: Optional[str] = _f(None, "wandb project; offline mode when no API key is set")
+    wandb_run_name: Optional[str] = _f(None, "wandb run name (default: the run directory's name)")
+
+
+@dataclass
+class DistributedConfig:
+    """Process group and failure detection."""
+
+    backend: str = _f("auto", "auto (nccl on GPU, gloo on CPU) | nccl | gloo")
+    timeout_s: float = _f(600.0, "a collective that waits longer than this ends the job with an error")
+    preflight_timeout_s: float = _f(60.0, "the start-up all-reduce must finish within this")
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives."""
+
+    dir: str = _f("runs/demo", "run directory: config.yaml, metrics.jsonl, checkpoints/")
+    name: Optional[str] = _f(None, "human name for logs and wandb (default: the directory's name)")
+
+
+@dataclass
+class Config:
+    """A whole megatrain run."""
+
+    model: ModelConfig = _sub(ModelConfig, "architecture")
+    parallel: ParallelConfig = _sub(ParallelConfig, "tensor and pipeline parallel sizes")
+    data: DataConfig = _sub(DataConfig, "datasets")
+    optimizer: OptimizerConfig = _sub(OptimizerConfig, "AdamW")
+    schedule: ScheduleConfig = _sub(ScheduleConfig, "learning-rate schedule")
+    train: TrainConfig = _sub(TrainConfig, "the loop")
+    eval: EvalConfig = _sub(EvalConfig, "validation and samples")
+    deepspeed: DeepSpeedSection = _sub(DeepSpeedSection, "ZeRO and engine template")
+    checkpoint: CheckpointConfig = _sub(CheckpointConfig, "checkpoints")
+    logging: LoggingConfig = _sub(LoggingConfig, "logging")
+    distributed: DistributedConfig = _sub(DistributedConfig, "process groups and timeouts")
+    run: RunConfig = _sub(RunConfig, "run directory")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return _build(cls, d, "")
+
+    def hash(self) -> str:
+        """Stable hash of the resolved config (sorted JSON), first 16 hex digits."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def model_hash(self) -> str:
+        """Hash of what determines the shapes of the weights (used by resume guards)."""
+        m = dataclasses.asdict(self.model)
+        m.pop("preset", None)
+        m.pop("dropout", None)
+        m.pop("init_std", None)
+        return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, dict[str, Any]] = {}
+
+
+def register_preset(name: str, **fields: Any) -> None:
+    """Register a named model shape; ``model.preset=name`` selects it."""
+    PRESETS[name] = fields
+
+
+_L3_SCALING = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+register_preset("debug", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=160,
+                vocab_size=512, max_seq_len=256)
+register_preset("demo", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, ffn_hidden_size=688,
+                vocab_size=4096, max_seq_len=512, tie_embeddings=True)
+register_preset("tinyllama-1.1b", hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4,
+                ffn_hidden_size=5632, vocab_size=32000, max_seq_len=2048)
+register_preset("llama2-7b", hidden_size=4096, num_layers=32, num_heads=32, ffn_hidden_size=11008,
+                vocab_size=32000, max_seq_len=4096)
+register_preset("llama2-13b", hidden_size=5120, num_layers=40, num_heads=40, ffn_hidden_size=13824,
+                vocab_size=32000, max_seq_len=4096)
+register_preset("llama2-70b", hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+                ffn_hidden_size=28672, vocab_size=32000, max_seq_len=4096)
+register_preset("llama3-8b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                ffn_hidden_size=14336, vocab_size=128256, rope_theta=500000.0, max_seq_len=8192)
+register_preset("llama3-70b", hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+                ffn_hidden_size=28672, vocab_size=128256, rope_theta=500000.0, max_seq_len=8192)
+register_preset("llama3.2-1b", hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+                ffn_hidden_size=8192, vocab_size=128256, rope_theta=500000.0, max_seq_len=131072,
+                tie_embeddings=True, rope_scaling=_L3_SCALING)
+register_preset("llama3.2-3b", hidden_size=3072, num_layers=28, num_heads=24, num_kv_heads=8,
+                ffn_hidden_size=8192, vocab_size=128256, rope_theta=500000.0, max_seq_len=131072,
+                tie_embeddings=True, rope_scaling=_L3_SCALING)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return True, args[0]
+    return False, tp
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to ``tp``, or raise naming ``key``."""
+    optional, inner = _is_optional(tp)
+    if isinstance(value, str) and value.lower() in ("none", "null") and optional:
+        return None
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: may not be null")
+    if dataclasses.is_dataclass(inner):
+        if isinstance(value, inner):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {inner.__name__}, got {value!r}")
+        return _build(inner, value, key + ".")
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if inner is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if inner is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if inner is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if inner is list:
+        if isinstance(value, list):
+            return list(value)
+        if isinstance(value, str):
+            return [v for v in value.split(",") if v] if value else []
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    return value
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, d: dict, prefix: str) -> Any:
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in names:
+            raise ConfigError(f"{prefix}{k}: unknown key (known keys in {prefix or 'the top level'}: "
+                              f"{', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value); the value is parsed as YAML (so 1e-4, true, [1,2] work)."""
+    import yaml
+
+    if "=" not in arg:
+        raise ConfigError(f"{arg!r}: overrides are written dotted.key=value")
+    key, raw = arg.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict,)) and not raw.strip().startswith("{"):
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- YAML file <- ``dotted.key=value`` overrides <- preset for unset model fields; validated."""
+    import yaml
+
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {p}: no such file")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {p}: the top level must be a mapping of sections")
+        tree = loaded
+    for arg in overrides or []:
+        key, value = parse_override(arg)
+        _set_dotted(tree, key, value)
+    return config_from_tree(tree)
+
+
+def config_from_tree(tree: dict) -> Config:
+    """Build, apply the preset to unset model fields, validate."""
+    tree = json.loads(json.dumps(tree))  # deep copy, plain types
+    model = tree.get("model") or {}
+    preset = model.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+        for k, v in PRESETS[preset].items():
+            model.setdefault(k, v)
+        tree["model"] = model
+    cfg = Config.from_dict(tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Every check that needs only the config (and, when known, the world size)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    _positive(m, "model", ["hidden_size", "num_layers", "num_heads", "vocab_size", "max_seq_len"])
+    _positive(p, "parallel", ["tensor", "pipeline"])
+    _positive(t, "train", ["max_steps", "seq_len", "micro_batch_size"])
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    if m.num_kv_heads is not None and (m.num_kv_heads <= 0 or m.num_heads % m.num_kv_heads):
+        raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.hidden_size / model.num_heads = {m.head_dim} must be even for RoPE")
+    if m.num_heads % p.tensor:
+        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}")
+    if m.kv_heads % p.tensor:
+        raise ConfigError(f"model.num_kv_heads={m.kv_heads} is not divisible by parallel.tensor={p.tensor}; "
+                          f"use a tensor-parallel size that divides it")
+    if m.ffn_size % p.tensor:
+        raise ConfigError(f"model FFN width {m.ffn_size} is not divisible by parallel.tensor={p.tensor}")
+    if m.vocab_size % p.tensor:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tensor={p.tensor}; "
+                          f"pad the vocabulary to a multiple of it")
+    if m.num_layers % p.pipeline:
+        raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _choice("train.precision", t.precision, ("fp32", "bf16", "fp16"))
+    _choice("train.nonfinite", t.nonfinite, ("skip", "abort"))
+    _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
+    _choice("train.fused_kernels", t.fused_kernels, ("auto", "triton", "torch"))
+    _choice("schedule.decay", cfg.schedule.decay, ("cosine", "linear", "constant", "wsd"))
+    _choice("deepspeed.offload", cfg.deepspeed.offload, ("none", "optimizer", "all"))
+    _choice("checkpoint.verify", cfg.checkpoint.verify, ("off", "sizes", "full"))
+    _choice("data.verify", cfg.data.verify, ("sizes", "full"))
+    _choice("distributed.backend", cfg.distributed.backend, ("auto", "nccl", "gloo"))
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: must be 0, 1, 2 or 3")
+    if p.pipeline > 1 and cfg.deepspeed.zero_stage > 1:
+        raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} with parallel.pipeline={p.pipeline}: "
+                          f"DeepSpeed's pipeline engine does not support ZeRO-2/3; use deepspeed.zero_stage=0 or 1")
+    if cfg.deepspeed.offload == "all" and cfg.deepspeed.zero_stage != 3:
+        raise ConfigError("deepspeed.offload=all offloads parameters, which needs deepspeed.zero_stage=3")
+    if cfg.deepspeed.offload == "optimizer" and cfg.deepspeed.zero_stage == 0:
+        raise ConfigError("deepspeed.offload=optimizer needs deepspeed.zero_stage >= 1")
+    bad = set(t.resume_allow_changes) - {"data", "tokenizer", "model", "schedule", "topology"}
+    if bad:
+        raise ConfigError(f"train.resume_allow_changes: unknown item(s) {sorted(bad)}; "
+                          f"allowed: data, tokenizer, model, schedule, topology")
+    if world_size is not None:
+        validate_world(cfg, world_size)
+
+
+def validate_world(cfg: Config, world_size: int) -> None:
+    p = cfg.parallel
+    if world_size % (p.tensor * p.pipeline):
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
+                          f"{p.tensor} x {p.pipeline}; launch a multiple of {p.tensor * p.pipeline} processes")
+
+
+def _positive(section: Any, name: str, keys: list[str]) -> None:
+    for k in keys:
+        if getattr(section, k) <= 0:
+            raise ConfigError(f"{name}.{k}={getattr(section, k)} must be positive")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+
+
+def config_to_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every leaf field: the reference behind ``--help-config``."""
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
+        _, inner = _is_optional(hint)
+        if dataclasses.is_dataclass(inner) and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out += describe_fields(inner, prefix + f.name + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            out.append((prefix + f.name, repr(default), f.metadata.get("doc", "")))
+    return out

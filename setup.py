@@ -8,9 +8,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatrain", "megatrain.*"]),
-    py_modules=[],
-    include_package_data=True,
-    package_data={"megatrain": ["ds_configs/*.json"]},
     install_requires=[
         "torch>=2.10",
         "deepspeed",

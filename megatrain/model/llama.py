@@ -1,0 +1,314 @@
+"""LLaMA, built from tensor-parallel layers. Plain PyTorch: no DeepSpeed in this file.
+
+The model is a flat sequence of parts so that the same classes make both the
+plain model (:class:`LlamaModel`) and the pipeline stages (``engine.py`` wraps
+:func:`layer_parts` in DeepSpeed LayerSpecs):
+
+    Embedding -> Block x L -> FinalNorm -> Head (-> loss)
+
+Shapes: B batch, T sequence, C hidden, H query heads (this rank's), K KV heads
+(this rank's), D head dim, F FFN width (this rank's), V vocabulary (this rank's).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatrain.config import ModelConfig
+from megatrain.model import kernels
+from megatrain.parallel.cross_entropy import fused_linear_cross_entropy, masked_mean, vocab_parallel_cross_entropy
+from megatrain.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                       init_tp_param, tp_info)
+from megatrain.parallel.mappings import copy_to_tp, gather_from_tp
+from megatrain.parallel.random import RNGTracker
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * w, computed in fp32 (bf16 squares lose the small components)."""
+
+    def __init__(self, dim: int, eps: float, device: Optional[torch.device] = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+    def reset_parameters(self, seed: int, key: str) -> None:
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """theta^(-2i/D) for i < D/2, with Llama-3.1 frequency-dependent scaling when configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    # Long wavelengths (low frequencies) are slowed by `factor`, short ones kept, and the band in
+    # between interpolated, so local patterns keep their resolution while the context stretches.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    return torch.where(mid, blended, scaled).float()
+
+
+class Rotary:
+    """cos/sin tables, cached per (length, device). Not a buffer: DeepSpeed's ``module.bfloat16()``
+    would round a buffer to bf16, and RoPE angles at position 8K need fp32."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.inv_freq = rope_inv_freq(cfg)
+        self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (t, str(device))
+        if key not in self._cache:
+            pos = torch.arange(t, dtype=torch.float32)
+            freqs = torch.outer(pos, self.inv_freq)  # (T, D/2)
+            emb = torch.cat([freqs, freqs], dim=-1)  # (T, D): "rotate half" layout, as Hugging Face Llama
+            self._cache[key] = (emb.cos().to(device), emb.sin().to(device))
+        return self._cache[key]
+
+
+@dataclass
+class Ctx:
+    """What every part needs besides its config: the TP group, the RNG tracker, kernels and device."""
+
+    tp_group: Any = None
+    rng: Optional[RNGTracker] = None
+    device: Optional[torch.device] = None
+    dtype: Optional[torch.dtype] = None
+    loss_chunk_tokens: int = 0
+    checkpoint: str = "none"  # none | full | selective
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: Ctx):
+        super().__init__()
+        _, tp = tp_info(ctx.tp_group)
+        self.head_dim = cfg.head_dim
+        self.q_per_kv = cfg.num_heads // cfg.kv_heads
+        self.kv_local = cfg.kv_heads // tp
+        self.dropout = cfg.dropout
+        self.rng = ctx.rng
+        self.rotary = Rotary(cfg)
+        # One GEMM for Q, K and V, grouped by KV head so that a TP split takes whole groups:
+        # canonical weight (kv_heads, q_per_kv + 2, D, C) = per group [q_0 .. q_{r-1}, k, v].
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, (cfg.kv_heads, self.q_per_kv + 2, cfg.head_dim),
+                                        tp_group=ctx.tp_group, split_dim=0, device=ctx.device)
+        self.o = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp_group=ctx.tp_group,
+                                   device=ctx.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, self.kv_local, self.q_per_kv + 2, self.head_dim)  # (B, T, K, r+2, D)
+        q = qkv[:, :, :, : self.q_per_kv].reshape(b, t, -1, self.head_dim)  # (B, T, H, D), head h uses KV h // r
+        k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]  # (B, T, K, D)
+        cos, sin = self.rotary.tables(t, x.device)
+        q, k = kernels.apply_rope(q, k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
+        p = self.dropout if self.training else 0.0
+        if p > 0 and self.rng is not None:
+            with self.rng.fork():  # heads are split over TP ranks: each rank drops its own pattern
+                y = kernels.attention(q, k, v, p)
+        else:
+            y = kernels.attention(q, k, v, p)
+        y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*D)
+        return self.o(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(x W_gate) * (x W_up)); gate and up fused in one column-parallel GEMM."""
+
+    def __init__(self, cfg: ModelConfig, ctx: Ctx):
+        super().__init__()
+        self.gate_up = ColumnParallelLinear(cfg.hidden_size, (2, cfg.ffn_size), tp_group=ctx.tp_group,
+                                            split_dim=1, device=ctx.device)
+        self.down = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, tp_group=ctx.tp_group, device=ctx.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gu = self.gate_up(x)  # (B, T, 2F): [gate | up]
+        return self.down(kernels.swiglu(gu))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, ctx: Ctx, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.std = cfg.init_std
+        self.out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.dropout = cfg.dropout
+        self.checkpoint = ctx.checkpoint
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.device)
+        self.attn = Attention(cfg, ctx)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.device)
+        self.mlp = MLP(cfg, ctx)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + F.dropout(self.attn(self.attn_norm(x)), self.dropout, self.training)
+        return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        if self.checkpoint == "full" and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def reset_parameters(self, seed: int, key: str) -> None:
+        init_tp_param(self.attn.qkv.weight, self.std, f"{key}.attn.qkv", seed)
+        init_tp_param(self.attn.o.weight, self.out_std, f"{key}.attn.o", seed)
+        init_tp_param(self.mlp.gate_up.weight, self.std, f"{key}.mlp.gate_up", seed)
+        init_tp_param(self.mlp.down.weight, self.out_std, f"{key}.mlp.down", seed)
+        self.attn_norm.reset_parameters(seed, key)
+        self.mlp_norm.reset_parameters(seed, key)
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: Ctx):
+        super().__init__()
+        self.std = cfg.init_std
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group=ctx.tp_group,
+                                            device=ctx.device)
+
+    @property
+    def weight(self) -> nn.Parameter:  # what TiedLayerSpec ties
+        return self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
+        return self.embed(tokens)
+
+    def reset_parameters(self, seed: int, key: str) -> None:
+        init_tp_param(self.embed.weight, self.std, "embed", seed)
+
+
+class FinalNorm(RMSNorm):
+    def __init__(self, cfg: ModelConfig, ctx: Ctx):
+        super().__init__(cfg.hidden_size, cfg.norm_eps, ctx.device)
+
+
+class Head(nn.Module):
+    """Output projection to this rank's slice of the vocabulary (weight (V/p, C), split on dim 0)."""
+
+    def __init__(self, cfg: ModelConfig, ctx: Ctx):
+        super().__init__()
+        self.std = cfg.init_std
+        self.proj = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp_group=ctx.tp_group, device=ctx.device)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.proj.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, V/p)
+        return self.proj(h)
+
+    def reset_parameters(self, seed: int, key: str) -> None:
+        init_tp_param(self.proj.weight, self.std, "head", seed)
+
+
+def head_logits(weight: torch.Tensor, h: torch.Tensor, tp_group: Any) -> torch.Tensor:
+    """Local vocab-parallel logits (B, T, V/p) from hidden states (B, T, C) and a (V/p, C) weight."""
+    return F.linear(copy_to_tp(h, tp_group), weight)
+
+
+def head_loss(weight: torch.Tensor, h: torch.Tensor, labels: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+    """Mean cross-entropy of the head's logits, chunked so full fp32 logits never exist."""
+    return fused_linear_cross_entropy(copy_to_tp(h, ctx.tp_group), weight, labels, ctx.tp_group,
+                                      ctx.loss_chunk_tokens)
+
+
+def logits_loss(logits: torch.Tensor, labels: torch.Tensor, tp_group: Any) -> torch.Tensor:
+    """Mean cross-entropy from local vocab-parallel logits (the pipeline's loss_fn)."""
+    return masked_mean(vocab_parallel_cross_entropy(logits, labels, tp_group), labels)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass
+class Part:
+    """One entry of the flat layer list: ``cls(cfg, ctx, *args)``; ``tie`` names a shared weight."""
+
+    name: str
+    cls: type
+    args: tuple = ()
+    tie: Optional[str] = None
+
+
+def layer_parts(cfg: ModelConfig) -> list[Part]:
+    """The model as a flat list, in order: what PipelineModule partitions into stages."""
+    parts = [Part("embed", Embedding, tie="embed" if cfg.tie_embeddings else None)]
+    parts += [Part(f"block{i}", Block, (i,)) for i in range(cfg.num_layers)]
+    parts.append(Part("norm", FinalNorm))
+    parts.append(Part("head", Embedding if cfg.tie_embeddings else Head, tie="embed" if cfg.tie_embeddings else None))
+    return parts
+
+
+class LlamaModel(nn.Module):
+    """The whole model in one process group slice (TP only; PP goes through the engine)."""
+
+    def __init__(self, cfg: ModelConfig, ctx: Optional[Ctx] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.ctx = ctx or Ctx()
+        self.embed = Embedding(cfg, self.ctx)
+        self.blocks = nn.ModuleList(Block(cfg, self.ctx, i) for i in range(cfg.num_layers))
+        self.norm = FinalNorm(cfg, self.ctx)
+        self.head = None if cfg.tie_embeddings else Head(cfg, self.ctx)
+
+    @property
+    def head_weight(self) -> nn.Parameter:
+        return self.embed.weight if self.head is None else self.head.weight
+
+    def init_weights(self, seed: int) -> None:
+        """Deterministic, topology-independent initialisation (see ``init_tp_param``)."""
+        self.embed.reset_parameters(seed, "embed")
+        for blk in self.blocks:
+            blk.reset_parameters(seed, f"block{blk.layer_idx}")
+        self.norm.reset_parameters(seed, "norm")
+        if self.head is not None:
+            self.head.reset_parameters(seed, "head")
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C), after the final norm
+        x = self.embed(tokens)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean loss over non-ignored labels when ``labels`` is given; otherwise full logits (B, T, V)."""
+        h = self.hidden(tokens)
+        if labels is not None:
+            return head_loss(self.head_weight, h, labels, self.ctx)
+        return gather_from_tp(head_logits(self.head_weight, h, self.ctx.tp_group), self.ctx.tp_group)
+
+
+def build_model(cfg: ModelConfig, *, tp_group: Any = None, device: Any = None, seed: Optional[int] = None,
+                loss_chunk_tokens: int = 0, checkpoint: str = "none") -> LlamaModel:
+    """Build (and, given a seed, initialise) the TP-sharded model on ``device``."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    tp_rank, _ = tp_info(tp_group)
+    rng = RNGTracker(device)
+    ctx = Ctx(tp_group=tp_group, rng=rng, device=device, loss_chunk_tokens=loss_chunk_tokens, checkpoint=checkpoint)
+    model = LlamaModel(cfg, ctx)
+    if seed is not None:
+        model.init_weights(seed)
+        rng.seed(seed, tp_rank)
+    return model

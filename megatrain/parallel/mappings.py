@@ -1,0 +1,115 @@
+"""Autograd functions that move activations into and out of the tensor-parallel region.
+
+Each forward collective has the adjoint collective in backward:
+
+| function            | forward                          | backward                      |
+|---------------------|----------------------------------|-------------------------------|
+| copy_to_tp          | identity                         | all-reduce (sum)              |
+| reduce_from_tp      | all-reduce (sum)                 | identity                      |
+| scatter_to_tp       | keep this rank's last-dim slice  | all-gather along the last dim |
+| gather_from_tp      | all-gather along the last dim    | keep this rank's slice        |
+
+With a group of size 1 (or ``None``) every function is the identity, so the
+model runs unchanged in a single process.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def _size(group: Optional[Any]) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _all_reduce(x: torch.Tensor, group: Any) -> torch.Tensor:
+    if _size(group) == 1:
+        return x
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _split_last(x: torch.Tensor, group: Any) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    return x.chunk(n, dim=-1)[dist.get_rank(group)].contiguous()
+
+
+def _gather_last(x: torch.Tensor, group: Any) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):  # type: ignore[override]
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return _all_reduce(g.clone(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):  # type: ignore[override]
+        return _all_reduce(x.clone() if _size(group) > 1 else x, group)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):  # type: ignore[override]
+        ctx.group = group
+        return _split_last(x, group)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return _gather_last(g, ctx.group), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):  # type: ignore[override]
+        ctx.group = group
+        return _gather_last(x, group)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return _split_last(g, ctx.group), None
+
+
+def copy_to_tp(x: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
+    return x if _size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
+    return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def scatter_to_tp(x: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
+    return x if _size(group) == 1 else _ScatterToTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
+    return x if _size(group) == 1 else _GatherFromTP.apply(x, group)
+
+
+def all_reduce_tp(x: torch.Tensor, group: Optional[Any], op: Any = None) -> torch.Tensor:
+    """Non-differentiable in-place all-reduce (used inside the vocab-parallel loss)."""
+    if _size(group) > 1:
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
+    return x

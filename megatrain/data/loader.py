@@ -1,0 +1,314 @@
+"""From ``cfg.data`` to the micro-batches each data-parallel rank trains on.
+
+:func:`build_datasets` opens and checks every dataset before any training (files, format, sidecar against
+the tokenizer and vocabulary, split sizes, blend weights), then builds the train/valid/test samples.
+:class:`MicroBatchSampler` cuts one global sample stream into per-rank micro-batches: optimizer step s
+consumes global samples [s*G, (s+1)*G), and micro-step m of rank r takes samples
+s*G + m*(mb*dp) + r*mb + [0, mb). The stream does not depend on the DP size or the gradient accumulation,
+so a run resumed with another DP size at ``consumed_samples`` continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+from fractions import Fraction
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from megatrain.data.blend import BlendedDataset, blend_counts, blend_description, parse_blend
+from megatrain.data.gpt_dataset import SPLIT_NAMES, GPTDataset, dataset_identity, parse_split, split_ranges
+from megatrain.data.indexed import DataFormatError, IndexedDataset, read_sidecar, sha256_file
+
+logger = logging.getLogger(__name__)
+
+DEMO_CACHE_DIR = os.path.join("~", ".cache", "megatrain", "demo")
+
+
+def resolve_data_path(data_cfg) -> str:
+    """``data.path``, or the built-in demo corpus (built on first use) when it is None."""
+    if data_cfg.path is not None:
+        return data_cfg.path
+    from megatrain.data.demo import prepare_demo
+
+    prefix, _ = prepare_demo(demo_cache_dir(data_cfg))
+    return prefix
+
+
+def demo_cache_dir(data_cfg) -> str:
+    return os.path.expanduser(os.path.join(data_cfg.cache_dir, "demo") if data_cfg.cache_dir else DEMO_CACHE_DIR)
+
+
+def open_dataset(prefix: str, *, verify: str, vocab_size: int, tokenizer_sha256: Optional[str]) -> IndexedDataset:
+    """Open one dataset and check it against the model's vocabulary and the tokenizer (via its sidecar)."""
+    ds = IndexedDataset(prefix, verify="sizes", vocab_size=None)
+    side = ds.sidecar
+    if side is None:
+        logger.warning("%s has no sidecar (%s): its tokenizer cannot be checked", ds.idx_path, ds.sidecar_path)
+    else:
+        side_vocab = side.get("vocab_size")
+        if side_vocab is not None and int(side_vocab) > vocab_size:
+            raise DataFormatError(f"{ds.sidecar_path}: vocab_size: the dataset was tokenized with a vocabulary of "
+                                  f"{side_vocab}, larger than model.vocab_size={vocab_size}; use the matching "
+                                  f"model/tokenizer or re-run preprocessing")
+        if side_vocab is not None and int(side_vocab) < vocab_size:
+            logger.info("%s: tokenizer vocabulary %s padded to model.vocab_size=%d", prefix, side_vocab, vocab_size)
+        side_sha = side.get("tokenizer_sha256")
+        if tokenizer_sha256 and side_sha and side_sha != tokenizer_sha256:
+            raise DataFormatError(f"{ds.sidecar_path}: tokenizer_sha256: the dataset was tokenized with "
+                                  f"{side_sha[:16]}..., but data.tokenizer is {tokenizer_sha256[:16]}...; point "
+                                  f"data.tokenizer at the model used for preprocessing, or re-run preprocessing")
+    ds._check_dtype_fits(vocab_size)
+    ds.vocab_size = vocab_size
+    if verify == "full":
+        ds.verify_tokens(vocab_size)
+    if ds.num_tokens == 0:
+        raise DataFormatError(f"{ds.idx_path}: sequence lengths: the dataset holds no tokens "
+                              f"({ds.num_documents} documents); check the preprocessing input")
+    return ds
+
+
+def _default_cache_dir(prefix: str) -> str:
+    here = os.path.join(os.path.dirname(os.path.abspath(prefix)), "index-cache")
+    parent = os.path.dirname(here)
+    if os.access(parent, os.W_OK) or os.path.isdir(here) and os.access(here, os.W_OK):
+        return here
+    fallback = os.path.expanduser(os.path.join("~", ".cache", "megatrain", "index-cache"))
+    logger.warning("%s is not writable; caching sample indices in %s (set data.cache_dir)", parent, fallback)
+    return fallback
+
+
+def build_datasets(data_cfg, *, seq_len: int, num_samples: dict[str, int], seed: int, vocab_size: int,
+                   tokenizer_sha256: Optional[str]) -> dict[str, Any]:
+    """Datasets "train" / "valid" / "test" (a split of weight 0 is absent); ``ds[i]`` is int64[seq_len + 1].
+
+    ``num_samples[name]`` is how many samples the run will read from that split (None or missing: one
+    epoch). A valid/test split too small for one sample is left out with a warning unless samples of it
+    were asked for; a train split that small is an error.
+    """
+    from megatrain.config import ConfigError
+
+    if seq_len <= 0:
+        raise ConfigError(f"train.seq_len={seq_len} must be positive")
+    pairs = parse_blend(resolve_data_path(data_cfg))
+    split_weights = parse_split(data_cfg.split)
+    opened = [(Fraction(w), open_dataset(p, verify=data_cfg.verify, vocab_size=vocab_size,
+                                         tokenizer_sha256=tokenizer_sha256)) for w, p in pairs]
+    opened = [(w, ds) for w, ds in opened if w > 0]
+    out: dict[str, Any] = {}
+    for k, name in enumerate(SPLIT_NAMES):
+        if split_weights[k] == 0:
+            continue
+        requested = num_samples.get(name) or None
+        try:
+            out[name] = _build_split(opened, k, name, split_weights, seq_len, requested, seed, data_cfg.cache_dir)
+        except DataFormatError as e:
+            if name == "train" or requested:
+                raise
+            logger.warning("no %s split: %s", name, e)
+    return out
+
+
+def _build_split(opened: list, k: int, name: str, split_weights: list[float], seq_len: int,
+                 requested: Optional[int], seed: int, cache_dir: Optional[str]):
+    def component(ds: IndexedDataset, n: Optional[int]) -> GPTDataset:
+        rng = split_ranges(ds.num_documents, split_weights)[k]
+        return GPTDataset(ds, rng, seq_len=seq_len, num_samples=n, seed=seed,
+                          cache_dir=cache_dir or _default_cache_dir(ds.prefix), name=name)
+
+    if len(opened) == 1:
+        return component(opened[0][1], requested)
+    weights = [w for w, _ in opened]
+    if requested is None:
+        # one pass: as many samples as the blend can draw before its first dataset repeats
+        one_epoch = [len(component(ds, None)) for _, ds in opened]
+        total = sum(weights)
+        requested = int(min(n * total / w for (w, _), n in zip(opened, one_epoch)))
+    counts = blend_counts(weights, requested)
+    parts = [component(ds, max(c, 1)) for (_, ds), c in zip(opened, counts)]
+    key, desc = blend_description([dataset_identity(ds) for _, ds in opened], weights, requested,
+                                  {"split": name, "seq_len": seq_len, "seed": seed})
+    first = opened[0][1].prefix
+    cdir = cache_dir or _default_cache_dir(first)
+    return BlendedDataset(parts, weights, requested, cache=(cdir, f"blend-{name}-{key}", desc))
+
+
+def data_fingerprint(data_cfg) -> str:
+    """Stable hash of what the data is: dataset contents (sidecar hashes), blend weights and split.
+
+    Paths are not part of it: moving a dataset keeps its fingerprint; re-tokenizing it changes it.
+    """
+    pairs = parse_blend(resolve_data_path(data_cfg))
+    total = sum(Fraction(w) for w, _ in pairs)
+    items = []
+    for w, prefix in pairs:
+        side = read_sidecar(prefix) or {}
+        ident = {k: side[k] for k in ("idx_sha256", "bin_sha256", "tokenizer_sha256") if side.get(k)}
+        if "idx_sha256" not in ident:
+            idx = prefix + ".idx"
+            if not os.path.isfile(idx):
+                raise DataFormatError(f"{idx}: no such file (dataset prefix {prefix!r}); check data.path")
+            ident["idx_sha256"] = sha256_file(idx)
+        items.append({"weight": str(Fraction(w) / total), "dataset": ident})
+    blob = {"datasets": items, "split": [round(x, 12) for x in parse_split(data_cfg.split)]}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- micro-batches
+
+
+def micro_batch_indices(*, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int,
+                        consumed_samples: int) -> Iterator[range]:
+    """Global sample ids of this rank's micro-batches, in order, forever."""
+    mb, g = micro_batch_size, global_batch_size
+    step = 0
+    while True:
+        base = consumed_samples + step * g
+        for m in range(g // (mb * dp_size)):
+            start = base + m * mb * dp_size + dp_rank * mb
+            yield range(start, start + mb)
+        step += 1
+
+
+def check_batch_arguments(micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int,
+                          consumed_samples: int) -> None:
+    from megatrain.config import ConfigError
+
+    if micro_batch_size <= 0 or dp_size <= 0:
+        raise ConfigError(f"train.micro_batch_size={micro_batch_size} and the data-parallel size {dp_size} "
+                          f"must be positive")
+    if global_batch_size <= 0 or global_batch_size % (micro_batch_size * dp_size):
+        raise ConfigError(f"train.global_batch_size={global_batch_size} must be a positive multiple of "
+                          f"train.micro_batch_size x data-parallel size = {micro_batch_size} x {dp_size}")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} outside [0, {dp_size})")
+    if consumed_samples < 0:
+        raise ValueError(f"consumed_samples={consumed_samples} must be >= 0")
+
+
+def _collate(samples: list) -> tuple:
+    import torch
+
+    batch = torch.from_numpy(np.stack(samples))  # (mb, seq_len + 1) int64
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # (mb, seq_len) each
+
+
+class _Wrapped:
+    """dataset[i] for any global sample id: past the end, the stream starts over (with a warning)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.n, self.warned = dataset, len(dataset), False
+
+    def __getitem__(self, i: int):
+        if i >= self.n:
+            if not self.warned:
+                logger.warning("sample %d is past the %d samples built for this split; starting over "
+                               "(ask build_datasets for more samples)", i, self.n)
+                self.warned = True
+            i %= self.n
+        return self.dataset[i]
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class MicroBatchSampler:
+    """Iterator over (tokens, labels) torch.LongTensor (micro_batch, seq_len) for one DP rank, forever.
+
+    Batches are assembled ahead of time: by a background thread (``num_workers=0``) or by a torch
+    DataLoader with worker processes. Memory is pinned when CUDA is available.
+    """
+
+    def __init__(self, dataset, *, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int,
+                 consumed_samples: int = 0, prefetch: int = 4, num_workers: int = 0,
+                 pin_memory: Optional[bool] = None):
+        check_batch_arguments(micro_batch_size, global_batch_size, dp_rank, dp_size, consumed_samples)
+        import torch
+
+        self.dataset = _Wrapped(dataset)
+        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
+        self.dp_rank, self.dp_size, self.consumed_samples = dp_rank, dp_size, consumed_samples
+        self.num_micro_steps = global_batch_size // (micro_batch_size * dp_size)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._indices = micro_batch_indices(micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+                                            dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples)
+        self._stop = threading.Event()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        if num_workers > 0:
+            self._iter = self._loader_iter(num_workers, prefetch)
+            self._thread = None
+        else:
+            self._iter = None
+            self._thread = threading.Thread(target=self._produce, name="megatrain-prefetch", daemon=True)
+            self._thread.start()
+
+    def _loader_iter(self, num_workers: int, prefetch: int) -> Iterator[tuple]:
+        import torch.utils.data as tud
+
+        loader = tud.DataLoader(self.dataset, batch_sampler=(list(r) for r in self._indices), collate_fn=_collate,
+                                num_workers=num_workers, pin_memory=self.pin_memory,
+                                prefetch_factor=max(1, prefetch // num_workers), persistent_workers=False)
+        return iter(loader)
+
+    def _make(self, ids: range) -> tuple:
+        tokens, labels = _collate([self.dataset[i] for i in ids])
+        if self.pin_memory:
+            tokens, labels = tokens.pin_memory(), labels.pin_memory()
+        return tokens, labels
+
+    def _produce(self) -> None:
+        try:
+            for ids in self._indices:
+                item = self._make(ids)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            self._queue.put(e)
+
+    def __iter__(self) -> "MicroBatchSampler":
+        return self
+
+    def __next__(self) -> tuple:
+        if self._iter is not None:
+            return next(self._iter)
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the data prefetch thread stopped without an error") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._iter = None
+
+    def __del__(self) -> None:
+        try:
+            self._stop.set()
+        except Exception:
+            pass
+
+
+def build_micro_batches(dataset, *, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int,
+                        consumed_samples: int, num_workers: int = 0, prefetch: int = 4) -> MicroBatchSampler:
+    """This DP rank's (tokens, labels) micro-batches, in order, forever (see :class:`MicroBatchSampler`)."""
+    return MicroBatchSampler(dataset, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+                             dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples,
+                             num_workers=num_workers, prefetch=prefetch)

@@ -143,7 +143,7 @@ class TrainConfig:
     seq_len: int = _f(256, "tokens per sample (inputs); each sample reads seq_len + 1 tokens")
     micro_batch_size: int = _f(4, "samples per forward/backward on one data-parallel rank")
     global_batch_size: Optional[int] = _f(None, "samples per optimizer step over all DP ranks; None = micro_batch x DP")
-    precision: str = _f("bf16", "fp32 | bf16 | fp16 (bf16/fp16 keep fp32 master weights)")
+    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (bf16/fp16 keep fp32 masters)")
     seed: int = _f(1234, "seeds weights, data order and dropout")
     resume: str = _f("auto", "auto (newest complete checkpoint, else fresh) | never | PATH")
     resume_allow_changes: list = _f([], "what may differ from the checkpoint: data, tokenizer, model, schedule")
@@ -466,7 +466,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    _choice("train.precision", t.precision, ("fp32", "bf16", "fp16"))
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
     _choice("train.nonfinite", t.nonfinite, ("skip", "abort"))
     _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
     _choice("train.fused_kernels", t.fused_kernels, ("auto", "triton", "torch"))

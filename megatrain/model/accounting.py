@@ -29,3 +29,42 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     n = num_params(cfg)
     matmul_params = n["total"] - n["embedding"] + (n["embedding"] if cfg.tie_embeddings else 0)
     return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
+
+
+def estimate_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int, tp: int, pp: int, dp: int,
+                    zero_stage: int, offload: str, precision: str, checkpointing: str = "none",
+                    loss_chunk_tokens: int = 0) -> dict[str, float]:
+    """Bytes per GPU by component, for the rank that holds the most (first pipeline stage).
+
+    Weights, gradients and AdamW state follow ZeRO's partitioning (stage 1 shards optimizer state,
+    2 also gradients, 3 also weights, over DP). Activations per layer follow Korthikanti et al. 2022
+    without sequence parallelism and with flash attention (no s^2 term): s*b*h*(10 + 24/t) bytes in
+    16-bit (doubled in fp32); 1F1B keeps ``pp`` micro-batches in flight on the first stage, which
+    holds L/pp layers, so the stage holds about L layers' worth. Full recomputation keeps only each
+    layer's input plus one layer's working set."""
+    n = num_params(cfg)
+    per_rank = (n["total"] - n["embedding"] - n["head"]) / (tp * pp) + (n["embedding"] + n["head"]) / tp / min(pp, 2)
+    half = precision in ("bf16", "fp16")
+    wbytes = 2 if half else 4
+    weights = per_rank * wbytes / (dp if zero_stage == 3 else 1)
+    grads = per_rank * wbytes / (dp if zero_stage >= 2 else 1)
+    # AdamW: fp32 m and v, plus an fp32 master copy of the weights under mixed precision.
+    opt = per_rank * (12 if half else 8) / (dp if zero_stage >= 1 else 1)
+    if offload in ("optimizer", "all"):
+        opt = 0.0
+    if offload == "all":
+        weights = 0.0
+    s, b, h = seq_len, micro_batch, cfg.hidden_size
+    act_scale = 1 if half else 2
+    per_layer = s * b * h * (10 + 24 / tp) * act_scale
+    if checkpointing == "full":
+        acts = cfg.num_layers * 2 * s * b * h * act_scale + per_layer
+    else:
+        acts = cfg.num_layers * per_layer
+    from megatrain.parallel.cross_entropy import auto_chunk_tokens
+
+    chunk = loss_chunk_tokens or auto_chunk_tokens(cfg.vocab_size // tp)
+    loss = min(chunk, s * b) * (cfg.vocab_size // tp) * 4 + s * b * h * wbytes
+    out = {"weights": weights, "gradients": grads, "optimizer": opt, "activations": acts, "loss": loss}
+    out["total"] = sum(out.values())
+    return out

@@ -1,0 +1,310 @@
+"""megatrain config -> DeepSpeed config -> a DeepSpeed engine (plain or pipeline).
+
+This is the only module that builds a DeepSpeed config. Templates in
+``ds_configs/`` hold engine settings (ZeRO stage and buckets, offload,
+pipeline options); batch sizes, precision, clipping and the optimizer come from
+megatrain's config, and a template that says otherwise is an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from megatrain.config import Config, ConfigError, ModelConfig, OptimizerConfig, ScheduleConfig, TrainConfig
+from megatrain.model.llama import Ctx, LlamaModel, Part, head_logits, layer_parts, logits_loss
+from megatrain.parallel.state import ParallelState
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+# Keys megatrain owns: a template that sets them contradicts the run config.
+_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
+
+
+# --------------------------------------------------------------------------- batch arithmetic
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch: int
+    grad_accum: int
+    dp_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.dp_size
+
+
+def plan_batch(train: TrainConfig, dp_size: int) -> BatchPlan:
+    """global batch = micro batch x gradient accumulation x DP size, or an error proposing valid values."""
+    mb = train.micro_batch_size
+    gb = train.global_batch_size or mb * dp_size
+    if gb % (mb * dp_size):
+        lo = max(mb * dp_size, (gb // (mb * dp_size)) * mb * dp_size)
+        hi = lo + mb * dp_size
+        mbs = [m for m in range(1, mb + 1) if gb % (m * dp_size) == 0]
+        hint = f"train.micro_batch_size={mbs[-1]}" if mbs else f"a data-parallel size dividing {gb}"
+        raise ConfigError(f"train.global_batch_size={gb} is not divisible by train.micro_batch_size x DP size = "
+                          f"{mb} x {dp_size}; use train.global_batch_size={lo} or {hi}, or keep {gb} with {hint}")
+    return BatchPlan(mb, gb // (mb * dp_size), dp_size)
+
+
+# --------------------------------------------------------------------------- DeepSpeed config
+
+
+def load_template(cfg: Config) -> tuple[str, dict]:
+    """(name, dict) of the engine template: explicit, or chosen from zero stage, offload and pipeline."""
+    ds = cfg.deepspeed
+    name = ds.template
+    if name is None:
+        if cfg.parallel.pipeline > 1:
+            name = "pipeline"
+        elif ds.offload != "none":
+            name = "zero3_offload" if ds.zero_stage == 3 else "zero2_offload"
+        else:
+            name = f"zero{ds.zero_stage}"
+    path = Path(name)
+    if not path.suffix:
+        path = TEMPLATE_DIR / f"{name}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in TEMPLATE_DIR.glob("*.json")))
+        raise ConfigError(f"deepspeed.template={name!r}: no such template file {path} (shipped: {known})")
+    try:
+        return str(path), json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.template {path}: not valid JSON: {e}") from None
+
+
+def build_ds_config(cfg: Config, plan: BatchPlan) -> dict:
+    """The complete DeepSpeed config dict for this run."""
+    name, ds = load_template(cfg)
+    for key in _OWNED_KEYS:
+        if key in ds:
+            raise ConfigError(f"deepspeed template {name} sets {key!r}, which megatrain derives from its own config "
+                              f"(train.*, optimizer.*); remove it from the template")
+    zero = ds.setdefault("zero_optimization", {})
+    stage = zero.setdefault("stage", cfg.deepspeed.zero_stage)
+    if stage != cfg.deepspeed.zero_stage and not (cfg.parallel.pipeline > 1 and cfg.deepspeed.template is None):
+        raise ConfigError(f"deepspeed template {name} has zero_optimization.stage={stage} but "
+                          f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; make them agree")
+    zero["stage"] = cfg.deepspeed.zero_stage
+    _apply_offload(cfg, zero, name)
+    t = cfg.train
+    ds.update({
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "steps_per_print": 1 << 30,  # megatrain prints its own line
+        "wall_clock_breakdown": False,
+    })
+    if t.precision == "bf16":
+        # fp32 gradient accumulation across micro-batches; bf16 sums of many micro-batches lose bits.
+        ds["bf16"] = {"enabled": True}
+        ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
+    elif t.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                      "hysteresis": 2, "min_loss_scale": 1}
+    if cfg.parallel.pipeline > 1:
+        pipe = ds.setdefault("pipeline", {})
+        pipe["activation_checkpoint_interval"] = cfg.parallel.activation_checkpoint_interval
+    if not torch.cuda.is_available() or cfg.deepspeed.offload != "none":
+        # Lets DeepSpeed drive torch's AdamW where its compiled CPU Adam is not wanted (CPU runs).
+        ds["zero_force_ds_cpu_optimizer"] = False
+    return ds
+
+
+def _apply_offload(cfg: Config, zero: dict, name: str) -> None:
+    mode = cfg.deepspeed.offload
+    has_opt, has_param = "offload_optimizer" in zero, "offload_param" in zero
+    if mode == "none" and (has_opt or has_param) and cfg.deepspeed.template is not None:
+        raise ConfigError(f"deepspeed template {name} offloads to CPU but deepspeed.offload=none; "
+                          f"set deepspeed.offload=optimizer|all or use another template")
+    if mode == "none":
+        zero.pop("offload_optimizer", None)
+        zero.pop("offload_param", None)
+        return
+    pin = torch.cuda.is_available()
+    zero.setdefault("offload_optimizer", {"device": "cpu", "pin_memory": pin})
+    if mode == "all":
+        zero.setdefault("offload_param", {"device": "cpu", "pin_memory": pin})
+    else:
+        zero.pop("offload_param", None)
+
+
+# --------------------------------------------------------------------------- optimizer and schedule
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay; norms, biases (every tensor of < 2 dims) do not."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, opt: OptimizerConfig, offload: str) -> torch.optim.Optimizer:
+    """FusedAdam on GPU, DeepSpeed's CPU Adam with GPU offload, torch AdamW on CPU."""
+    groups = param_groups(model, opt.weight_decay)
+    kw = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
+    if torch.cuda.is_available():
+        if offload != "none":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kw)
+    return torch.optim.AdamW(groups, **kw)
+
+
+def lr_at(step: int, opt: OptimizerConfig, sch: ScheduleConfig, max_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then decay to min_lr."""
+    peak, floor = opt.lr, opt.min_lr
+    if sch.warmup_steps and step < sch.warmup_steps:
+        return peak * (step + 1) / sch.warmup_steps
+    total = sch.decay_steps or max_steps
+    if sch.decay == "constant":
+        return peak
+    if sch.decay == "wsd":  # warmup, stable at peak, then linear cool-down over the last fraction
+        cool = max(1, int(total * sch.wsd_decay_fraction))
+        start = total - cool
+        if step < start:
+            return peak
+        frac = min(1.0, (step - start) / cool)
+        return peak - (peak - floor) * frac
+    span = max(1, total - sch.warmup_steps)
+    frac = min(1.0, max(0.0, (step - sch.warmup_steps) / span))
+    if sch.decay == "linear":
+        return peak - (peak - floor) * frac
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * frac))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    fn = functools.partial(_lr_factor, opt=cfg.optimizer, sch=cfg.schedule, max_steps=cfg.train.max_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def _lr_factor(step: int, opt: OptimizerConfig, sch: ScheduleConfig, max_steps: int) -> float:
+    return lr_at(step, opt, sch, max_steps) / opt.lr
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_ctx(cfg: Config, st: ParallelState, device: torch.device) -> Ctx:
+    from megatrain.parallel.random import RNGTracker
+
+    rng = RNGTracker(device)
+    rng.seed(cfg.train.seed, st.tp_rank)
+    return Ctx(tp_group=st.tp_group, rng=rng, device=device, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+               checkpoint=cfg.train.activation_checkpointing)
+
+
+def _tied_head_forward(module: nn.Module, h: torch.Tensor, tp_group: Any) -> torch.Tensor:
+    return head_logits(module.weight, h, tp_group)
+
+
+def build_pipeline_module(cfg: Config, st: ParallelState, ctx: Ctx) -> nn.Module:
+    """DeepSpeed PipelineModule of the model's flat parts, stages cut by ``parallel.pipeline_partition``."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    parts = layer_parts(cfg.model)
+    specs = []
+    for i, part in enumerate(parts):
+        if part.tie and i == len(parts) - 1:
+            fwd = functools.partial(_tied_head_forward, tp_group=st.tp_group)
+            specs.append(TiedLayerSpec(part.tie, part.cls, cfg.model, ctx, forward_fn=fwd, tied_weight_attr="weight"))
+        elif part.tie:
+            specs.append(TiedLayerSpec(part.tie, part.cls, cfg.model, ctx, tied_weight_attr="weight"))
+        else:
+            specs.append(LayerSpec(part.cls, cfg.model, ctx, *part.args))
+    topo = PipeModelDataParallelTopology(num_pp=st.pp_size, num_mp=st.tp_size, num_dp=st.dp_size)
+    method = cfg.parallel.pipeline_partition
+    if method.startswith("type:"):
+        method = "type:" + method[5:]
+    loss = functools.partial(logits_loss, tp_group=st.tp_group)
+    pipe = PipelineModule(layers=specs, topology=topo, loss_fn=loss, partition_method=method,
+                          activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
+    for name, part, module in pipeline_parts(pipe, parts):
+        module.reset_parameters(cfg.train.seed, part.name)
+    return pipe
+
+
+def pipeline_parts(pipe: nn.Module, parts: list[Part]) -> list[tuple[str, Part, nn.Module]]:
+    """(module prefix, part, module) for every part this stage holds, tied ones once."""
+    out = []
+    for name, module in pipe.named_children():
+        if name.isdigit():
+            out.append((name + ".", parts[int(name)], module))
+    for key, module in getattr(pipe, "tied_modules", {}).items():
+        out.append((f"tied_modules.{key}.", parts[0], module))
+    return out
+
+
+def canonical_prefix(part: Part) -> str:
+    if part.name.startswith("block"):
+        return f"blocks.{part.name[5:]}."
+    return {"embed": "embed.", "norm": "norm.", "head": "head."}[part.name]
+
+
+def canonical_named_parameters(module: nn.Module, cfg: ModelConfig) -> dict[str, nn.Parameter]:
+    """This rank's parameters under canonical names (those of ``LlamaModel``), for a plain model or a
+    pipeline stage. A tied head on the last stage is left out: its weight is the embedding."""
+    if isinstance(module, LlamaModel):
+        return dict(module.named_parameters())
+    out = {}
+    for prefix, part, sub in pipeline_parts(module, layer_parts(cfg)):
+        if part.name == "head" and part.tie:
+            continue
+        for n, p in sub.named_parameters():
+            out[canonical_prefix(part) + n] = p
+    return out
+
+
+@dataclass
+class Built:
+    engine: Any
+    module: nn.Module
+    plan: BatchPlan
+    ds_config: dict
+    is_pipeline: bool
+    ctx: Ctx
+
+
+def build_engine(cfg: Config, st: ParallelState, device: torch.device) -> Built:
+    """Model, optimizer, schedule and the DeepSpeed engine (ParallelState as ``mpu`` unless pipelined)."""
+    import deepspeed
+
+    plan = plan_batch(cfg.train, st.dp_size)
+    ds_config = build_ds_config(cfg, plan)
+    # Wrap the existing process group as DeepSpeed's comm backend; PipelineModule needs it already.
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
+    ctx = build_ctx(cfg, st, device)
+    if st.pp_size > 1:
+        module = build_pipeline_module(cfg, st, ctx).to(device)
+    else:
+        with torch.device(device):
+            module = LlamaModel(cfg.model, ctx)
+        module.init_weights(cfg.train.seed)
+    optimizer = build_optimizer(module, cfg.optimizer, cfg.deepspeed.offload)
+    scheduler = build_scheduler(optimizer, cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+        mpu=None if st.pp_size > 1 else st, dist_init_required=False)
+    log.info("DeepSpeed engine: %s, ZeRO-%d, %s, micro-batch %d x accumulation %d x DP %d = %d samples/step",
+             "pipeline" if st.pp_size > 1 else "plain", cfg.deepspeed.zero_stage, cfg.train.precision,
+             plan.micro_batch, plan.grad_accum, plan.dp_size, plan.global_batch)
+    return Built(engine, module, plan, ds_config, st.pp_size > 1, ctx)

@@ -1,0 +1,198 @@
+"""megatrain-train: parse, build, train.
+
+    megatrain-train [--config FILE.yaml] [dotted.key=value ...] [--dry-run] [--help-config]
+
+With no config and no ``data.path`` it runs the demo: the built-in corpus (made
+on first use), the ``demo`` model, a few minutes on CPU, under ``runs/demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("megatrain.train")
+
+DEMO_DEFAULTS = [
+    "model.preset=demo", "train.seq_len=256", "train.micro_batch_size=8", "train.max_steps=300",
+    "optimizer.lr=2e-3", "optimizer.min_lr=2e-4", "schedule.warmup_steps=30", "eval.interval=100",
+    "eval.steps=4", 'eval.prompts=["def ", "The "]', "eval.sample_tokens=24", "logging.interval=10",
+    "run.dir=runs/demo",
+]
+
+
+def _user_errors() -> tuple:
+    """Exceptions that mean "the input is wrong": reported as one clear line, exit code 2."""
+    from megatrain.ckpt_layout import CheckpointError
+    from megatrain.config import ConfigError
+    from megatrain.data.indexed import DataFormatError
+    from megatrain.distributed import LaunchError
+
+    return (ConfigError, DataFormatError, CheckpointError, LaunchError, FileNotFoundError)
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="megatrain-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML run config (sections as in megatrain/config.py)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, batch arithmetic, parameters, FLOPs and memory; touch nothing")
+    p.add_argument("--world-size", type=int, default=None, help="dry run: assume this many processes")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    args, unknown = p.parse_known_args(argv)
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    args.overrides += [u for u in unknown if not u.startswith("--local_rank")]
+    bad = [u for u in args.overrides if u.startswith("--")]
+    if bad:
+        p.error(f"unknown option(s) {bad}; config keys are written without dashes: key=value")
+    return args
+
+
+def resolve_config(args: argparse.Namespace):
+    from megatrain.config import load_config
+
+    demo = args.config is None and not any(o.startswith("data.path=") for o in args.overrides)
+    return load_config(args.config, (DEMO_DEFAULTS if demo else []) + args.overrides)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from megatrain.logs import setup_logging
+
+    args = parse_args(argv)
+    setup_logging()
+    if args.help_config:
+        from megatrain.config import describe_fields
+
+        for key, default, doc in describe_fields():
+            sys.stdout.write(f"{key:42s} {default:>14s}  {doc}\n")
+        return 0
+    errors = _user_errors()
+    try:
+        cfg = resolve_config(args)
+        setup_logging(cfg.logging.level, all_ranks=cfg.logging.all_ranks)
+        if args.dry_run:
+            from megatrain.report import dry_run_report
+
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            sys.stdout.write(dry_run_report(cfg, world) + "\n")
+            return 0
+        return run(cfg)
+    except errors as e:
+        log.error("error: %s", e)
+        return 2
+
+
+def run(cfg) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from megatrain.config import validate_world
+    from megatrain.distributed import init_distributed
+    from megatrain.parallel.state import ParallelState
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.train.precision == "auto":
+        cfg.train.precision = "bf16" if device.type == "cuda" else "fp32"
+    init_distributed(cfg.distributed, device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        validate_world(cfg, dist.get_world_size())
+        st = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
+        return train_with(cfg, st, device).exit_code
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train_with(cfg, st, device):
+    """Everything after the process group exists: data, engine, the loop. Returns the Trainer."""
+    import torch.distributed as dist
+
+    from megatrain.engine import build_engine, plan_batch
+    from megatrain.report import start_report
+    from megatrain.trainer import Trainer
+
+    plan = plan_batch(cfg.train, st.dp_size)  # batch errors before any data is touched
+    tokenizer = _prepare_data(cfg, st)
+    datasets, fingerprints = _build_datasets(cfg, st, plan, tokenizer)
+    run_dir = Path(cfg.run.dir)
+    if st.rank == 0:
+        _write_resolved_config(cfg, run_dir)
+        log.info(start_report(cfg, st.world_size, st.dp_size, plan))
+    dist.barrier()
+    torch_seed(cfg.train.seed)
+    built = build_engine(cfg, st, device)
+    trainer = Trainer(cfg, st, built, datasets, run_dir, device, tokenizer=tokenizer, fingerprints=fingerprints)
+    trainer.exit_code = trainer.train()
+    return trainer
+
+
+def torch_seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prepare_data(cfg, st):
+    """Demo corpus when no data.path (rank 0 builds it, the others wait), then the tokenizer."""
+    import torch.distributed as dist
+
+    from megatrain.config import ConfigError
+
+    if cfg.data.path is None:
+        from megatrain.data.demo import prepare_demo
+        from megatrain.data.loader import demo_cache_dir
+
+        if st.rank == 0:
+            prepare_demo(demo_cache_dir(cfg.data))
+        dist.barrier()
+        prefix, tok = prepare_demo(demo_cache_dir(cfg.data))
+        cfg.data.path = prefix
+        cfg.data.tokenizer = cfg.data.tokenizer or tok
+    if cfg.data.tokenizer is None:
+        return None
+    from megatrain.data.tokenizer import Tokenizer
+
+    if not Path(cfg.data.tokenizer).is_file():
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer}: no such file")
+    tok = Tokenizer(cfg.data.tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer {cfg.data.tokenizer} has {tok.vocab_size} tokens but model.vocab_size="
+                          f"{cfg.model.vocab_size}; set model.vocab_size >= {tok.vocab_size}")
+    return tok
+
+
+def _build_datasets(cfg, st, plan, tokenizer):
+    from megatrain.data.loader import build_datasets, data_fingerprint
+
+    n_train = cfg.train.max_steps * plan.global_batch
+    n_valid = max(1, cfg.eval.steps) * plan.micro_batch * st.dp_size
+    datasets = build_datasets(cfg.data, seq_len=cfg.train.seq_len, num_samples={"train": n_train, "valid": n_valid,
+                                                                               "test": n_valid},
+                              seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
+                              tokenizer_sha256=tokenizer.sha256 if tokenizer else None)
+    return datasets, {"data": data_fingerprint(cfg.data), "tokenizer": tokenizer.sha256 if tokenizer else None}
+
+
+def _write_resolved_config(cfg, run_dir: Path) -> None:
+    from megatrain.config import config_to_yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(config_to_yaml(cfg))
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

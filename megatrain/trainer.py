@@ -1,0 +1,193 @@
+"""The training loop: steps, evaluation, text samples, logging and checkpoint cadence."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatrain import checkpoint as ckpt
+from megatrain.config import Config
+from megatrain.engine import Built, lr_at
+from megatrain.metrics import MetricsSink, device_peak_tflops, format_step_line, peak_memory_gib
+from megatrain.model.accounting import flops_per_token
+from megatrain.parallel.state import ParallelState
+
+log = logging.getLogger(__name__)
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; slurm/train.sbatch requeues on it
+
+
+class Trainer:
+    def __init__(self, cfg: Config, st: ParallelState, built: Built, datasets: dict[str, Any],
+                 run_dir: Path, device: torch.device, tokenizer: Any = None, fingerprints: Optional[dict] = None):
+        self.cfg, self.st, self.built = cfg, st, built
+        self.engine = built.engine
+        self.datasets, self.tokenizer = datasets, tokenizer
+        self.run_dir, self.device = run_dir, device
+        self.fingerprints = fingerprints or {}
+        self.step = 0
+        self.consumed_samples = 0
+        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
+        self.peak = device_peak_tflops()
+        self.metrics = MetricsSink(run_dir, st.rank == 0, cfg.logging.wandb_project,
+                                   cfg.logging.wandb_run_name or cfg.run.name or run_dir.name, cfg.to_dict())
+        self._batches: Optional[Iterator] = None
+        self.history: list[dict] = []  # every logged record, for callers and tests
+        self.exit_code = 0
+
+    # ------------------------------------------------------------------ data
+
+    def _train_batches(self) -> Iterator:
+        from megatrain.data.loader import build_micro_batches
+
+        return build_micro_batches(self.datasets["train"], micro_batch_size=self.built.plan.micro_batch,
+                                   global_batch_size=self.built.plan.global_batch, dp_rank=self.st.dp_rank,
+                                   dp_size=self.st.dp_size, consumed_samples=self.consumed_samples)
+
+    def _eval_batches(self) -> Optional[Iterator]:
+        from megatrain.data.loader import build_micro_batches
+
+        ds = self.datasets.get("valid")
+        if ds is None or len(ds) == 0:
+            return None
+        mb, dp = self.built.plan.micro_batch, self.st.dp_size
+        # The same leading samples of the valid split at every evaluation, so evals are comparable.
+        return build_micro_batches(ds, micro_batch_size=mb, global_batch_size=mb * dp, dp_rank=self.st.dp_rank,
+                                   dp_size=dp, consumed_samples=0)
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step; returns this rank's mean micro-batch loss as a device tensor (no host sync)."""
+        eng = self.engine
+        if self.built.is_pipeline:
+            return eng.train_batch(data_iter=self._batches).detach().float()
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.built.plan.grad_accum):
+            tokens, labels = next(self._batches)
+            loss = eng(tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+            eng.backward(loss)
+            eng.step()
+            total += loss.detach().float()
+        return total / self.built.plan.grad_accum
+
+    def _dp_mean(self, x: torch.Tensor) -> float:
+        """Mean over data-parallel ranks (the pipeline engine already returns it on every stage)."""
+        if self.st.dp_size > 1 and not self.built.is_pipeline:
+            x = x.clone()
+            dist.all_reduce(x, group=self.st.dp_group)
+            x /= self.st.dp_size
+        return x.item()
+
+    def _grad_norm(self) -> Optional[float]:
+        g = self.engine.get_global_grad_norm()
+        if g is None:
+            return None
+        return float(g.item() if torch.is_tensor(g) else g)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> int:
+        cfg, t = self.cfg, self.cfg.train
+        self.step, self.consumed_samples = ckpt.resume(self)
+        self._batches = self._train_batches()
+        tokens_per_step = self.built.plan.global_batch * t.seq_len
+        log.info("training from step %d to %d (%d samples consumed)", self.step, t.max_steps, self.consumed_samples)
+        start = last = time.time()
+        loss_acc, n_acc, steps_at_start = None, 0, self.step
+        while self.step < t.max_steps:
+            loss = self.train_step()
+            self.step += 1
+            self.consumed_samples += self.built.plan.global_batch
+            loss_acc = loss if loss_acc is None else loss_acc + loss
+            n_acc += 1
+            if self.step % cfg.logging.interval == 0 or self.step == t.max_steps:
+                now = time.time()
+                self._log_step(self._dp_mean(loss_acc / n_acc), n_acc * tokens_per_step / (now - last),
+                               now - start, (now - start) / (self.step - steps_at_start) * (t.max_steps - self.step))
+                loss_acc, n_acc, last = None, 0, time.time()
+            if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < t.max_steps:
+                self.evaluate()
+            if cfg.eval.sample_interval and self.step % cfg.eval.sample_interval == 0 and self.step < t.max_steps:
+                self.sample()
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < t.max_steps:
+                ckpt.save(self)
+        self.evaluate()
+        self.sample()
+        if cfg.checkpoint.save_at_end:
+            ckpt.save(self)
+        self.metrics.close()
+        log.info("done: %d steps, %s tokens in %.0f s", self.step,
+                 f"{self.consumed_samples * t.seq_len:,}", time.time() - start)
+        return 0
+
+    def _log_step(self, loss: float, tok_s: float, elapsed: float, eta: float) -> None:
+        tflops = self.flops_per_token * tok_s / 1e12 / self.st.world_size
+        rec = {"step": self.step, "loss": loss, "ppl": math.exp(min(loss, 50.0)),
+               "lr": lr_at(self.step - 1, self.cfg.optimizer, self.cfg.schedule, self.cfg.train.max_steps),
+               "grad_norm": self._grad_norm(), "tokens": self.consumed_samples * self.cfg.train.seq_len,
+               "tokens_per_s": tok_s, "tflops": tflops, "mfu": tflops / self.peak if self.peak else None,
+               "mem_gib": peak_memory_gib()}
+        log.info(format_step_line(rec, self.cfg.train.max_steps, elapsed, eta))
+        self.metrics.write(rec)
+        self.history.append(rec)
+
+    # ------------------------------------------------------------------ evaluation and samples
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        batches = self._eval_batches()
+        if batches is None or self.cfg.eval.steps <= 0:
+            return None
+        eng = self.engine
+        eng.eval()
+        try:
+            if self.built.is_pipeline:
+                loss = eng.eval_batch(data_iter=batches, num_micro_batches=self.cfg.eval.steps).float()
+            else:
+                total = torch.zeros((), device=self.device)
+                for _ in range(self.cfg.eval.steps):
+                    tokens, labels = next(batches)
+                    total += eng(tokens.to(self.device), labels.to(self.device)).float()
+                loss = total / self.cfg.eval.steps
+        finally:
+            eng.train()
+        value = self._dp_mean(loss)
+        rec = {"step": self.step, "eval_loss": value, "eval_ppl": math.exp(min(value, 50.0))}
+        log.info("eval step %d | loss %.4f | ppl %.1f", self.step, value, rec["eval_ppl"])
+        self.metrics.write(rec)
+        self.history.append(rec)
+        return value
+
+    @torch.no_grad()
+    def sample(self) -> list[str]:
+        """Generate from the configured prompts on every rank in lockstep (TP and ZeRO-3 need all ranks)."""
+        if self.tokenizer is None or not self.cfg.eval.prompts or self.cfg.eval.sample_tokens <= 0:
+            return []
+        if self.built.is_pipeline:
+            log.info("text samples are skipped under pipeline parallelism (evaluation loss still runs)")
+            return []
+        from megatrain.generate import generate
+
+        module = self.engine.module
+        module.eval()
+        outs = []
+        try:
+            for prompt in self.cfg.eval.prompts:
+                ids = self.tokenizer.encode(prompt)
+                new = generate(module, ids, self.cfg.eval.sample_tokens, self.cfg.train.seq_len, self.device,
+                               top_p=self.cfg.eval.top_p, temperature=self.cfg.eval.temperature,
+                               seed=self.cfg.train.seed + self.step, eos_id=self.tokenizer.eos_id)
+                text = self.tokenizer.decode(new)
+                outs.append(prompt + text)
+                log.info("sample @ step %d: %r", self.step, prompt + text)
+        finally:
+            module.train()
+        self.metrics.write({"step": self.step, "samples": outs})
+        return outs

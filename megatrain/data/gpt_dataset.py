@@ -29,7 +29,7 @@ from megatrain.data.indexed import DataFormatError, IndexedDataset
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 # Megatron's rule: when the last epoch contributes fewer than 80% of an epoch's samples, it is shuffled
 # apart from the others, so that its samples are not spread thinly over the whole run.
 SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
@@ -206,8 +206,8 @@ class GPTDataset:
         self.indexed, self.seq_len, self.seed, self.name = indexed, int(seq_len), int(seed), name
         start, end = document_range
         docs = indexed.document_indices
-        self.sequence_ids = np.arange(int(docs[start]), int(docs[end]), dtype=np.int64)
-        lengths = np.asarray(indexed.sequence_lengths)[self.sequence_ids]
+        self.sequence_range = (int(docs[start]), int(docs[end]))
+        lengths = np.asarray(indexed.sequence_lengths[self.sequence_range[0]:self.sequence_range[1]])
         self.tokens_per_epoch = int(lengths.sum(dtype=np.int64))
         if self.tokens_per_epoch < self.seq_len + 1:
             what = "is empty" if self.tokens_per_epoch == 0 else f"has only {self.tokens_per_epoch} tokens"
@@ -231,6 +231,13 @@ class GPTDataset:
         self.shuffle_index = np.asarray(arrays["shuffle_index"])
         self._bind_fast_paths()
 
+    @property
+    def sequence_ids(self) -> np.ndarray:
+        """The split's non-empty sequences (empty ones hold no tokens, so samples never start in them)."""
+        first, end = self.sequence_range
+        lengths = np.asarray(self.indexed.sequence_lengths[first:end])
+        return first + np.flatnonzero(lengths > 0)
+
     def _build(self, lengths: np.ndarray) -> dict:
         seq_len, n_req, epochs, tokens = self.seq_len, self.num_samples_requested, self.num_epochs, self.tokens_per_epoch
         separate = False
@@ -248,38 +255,35 @@ class GPTDataset:
         return {"document_index": doc_index, "sample_index": sample_index, "shuffle_index": shuffle_index}
 
     def _bind_fast_paths(self) -> None:
-        # Plain ndarrays / Python ints on the hot path: __getitem__ runs ~10^5 times a second.
+        # Plain ndarrays on the hot path (~10^5 calls a second); nothing per document is materialized,
+        # so memory stays O(samples) however many documents the dataset has.
         self._tokens = self.indexed.tokens
-        self._starts = np.asarray(self.indexed.sequence_starts)[self.document_index]
-        self._lengths = np.asarray(self.indexed.sequence_lengths, dtype=np.int64)[self.document_index]
+        self._pointers = self.indexed.sequence_pointers
+        self._seq_lengths = self.indexed.sequence_lengths
+        self._shift = int(self.indexed.dtype.itemsize).bit_length() - 1  # bytes -> tokens
 
     def __len__(self) -> int:
         return int(self.shuffle_index.size)
 
     def __getitem__(self, idx: int) -> np.ndarray:
         i = int(self.shuffle_index[idx])
-        (d0, o0), (d1, o1) = self.sample_index[i], self.sample_index[i + 1]
+        d0, o0, d1, o1 = self.sample_index[i:i + 2].ravel().tolist()
         if d0 == d1:
-            s = self._starts[d0] + o0
+            s = (int(self._pointers[self.document_index[d0]]) >> self._shift) + o0
             return self._tokens[s:s + (o1 - o0) + 1].astype(np.int64)
-        return self._gather(int(d0), int(o0), int(d1), int(o1))
-
-    def _gather(self, d0: int, o0: int, d1: int, o1: int) -> np.ndarray:
-        starts = self._starts[d0:d1 + 1].copy()
-        lengths = self._lengths[d0:d1 + 1].copy()
+        # Crosses documents: one slice per piece (a sample spans few documents at realistic lengths).
+        seqs = self.document_index[d0:d1 + 1]
+        starts = (self._pointers[seqs] >> self._shift).tolist()
+        lengths = self._seq_lengths[seqs].tolist()
         starts[0] += o0
         lengths[0] -= o0
         lengths[-1] = o1 + 1
-        if lengths.size <= 8:
-            return np.concatenate([self._tokens[s:s + n] for s, n in zip(starts.tolist(), lengths.tolist())]
-                                  ).astype(np.int64)
-        # Many short documents: one fancy-index gather instead of a Python loop over the pieces.
-        offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths[:-1])]), lengths)
-        return self._tokens[offsets + np.arange(offsets.size)].astype(np.int64)
+        tokens = self._tokens
+        return np.concatenate([tokens[a:a + n] for a, n in zip(starts, lengths)], dtype=np.int64)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for k in ("_tokens", "_starts", "_lengths"):
+        for k in ("_tokens", "_pointers", "_seq_lengths", "_shift"):
             state.pop(k, None)
         return state
 

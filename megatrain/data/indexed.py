@@ -230,7 +230,6 @@ class IndexedDataset:
                 self._bin_map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             # A plain ndarray over the mapping: slicing it is far cheaper than slicing np.memmap.
             self.tokens = np.frombuffer(self._bin_map, dtype=self.dtype.newbyteorder("<"))
-        self.sequence_starts = self.sequence_pointers // self.dtype.itemsize  # in tokens
 
     def _check_sidecar(self) -> None:
         side = self.sidecar
@@ -267,7 +266,7 @@ class IndexedDataset:
             lo, hi = int(chunk.min()), int(chunk.max())
             if lo < 0 or hi >= vocab:
                 bad = int(np.flatnonzero((chunk < 0) | (chunk >= vocab))[0]) + start
-                seq = int(np.searchsorted(self.sequence_starts, bad, side="right")) - 1
+                seq = int(np.searchsorted(self.sequence_pointers, bad * self.dtype.itemsize, side="right")) - 1
                 raise DataFormatError(f"{self.bin_path}: token {bad} (sequence {seq}) is {int(self.tokens[bad])}, "
                                       f"outside the vocabulary [0, {vocab}); the data was tokenized with another "
                                       f"tokenizer or is corrupt")
@@ -278,6 +277,11 @@ class IndexedDataset:
                                       f"preprocessing; the file changed or is corrupt, re-run preprocessing")
 
     # -- access
+
+    @property
+    def sequence_starts(self) -> np.ndarray:
+        """Token offset of every sequence in .bin (computed on demand: N x 8 bytes of memory)."""
+        return self.sequence_pointers // self.dtype.itemsize
 
     @property
     def num_documents(self) -> int:
@@ -295,7 +299,7 @@ class IndexedDataset:
             length = size - offset
         if offset < 0 or length < 0 or offset + length > size:
             raise IndexError(f"offset={offset} length={length} outside sequence {i} of length {size}")
-        start = int(self.sequence_starts[i]) + offset
+        start = int(self.sequence_pointers[i]) // self.dtype.itemsize + offset
         return self.tokens[start:start + length]
 
     def get_document(self, j: int) -> np.ndarray:
@@ -306,8 +310,8 @@ class IndexedDataset:
         first, end = int(self.document_indices[j]), int(self.document_indices[j + 1])
         if first == end:
             return self.tokens[0:0]
-        start = int(self.sequence_starts[first])
-        stop = int(self.sequence_starts[end - 1]) + int(self.sequence_lengths[end - 1])
+        start = int(self.sequence_pointers[first]) // self.dtype.itemsize
+        stop = int(self.sequence_pointers[end - 1]) // self.dtype.itemsize + int(self.sequence_lengths[end - 1])
         return self.tokens[start:stop]
 
     def __getitem__(self, i: int) -> np.ndarray:

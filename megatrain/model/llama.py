@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from megatrain.config import ModelConfig
 from megatrain.model import kernels
-from megatrain.parallel.cross_entropy import fused_linear_cross_entropy, masked_mean, vocab_parallel_cross_entropy
+from megatrain.parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
 from megatrain.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                        init_tp_param, tp_info)
 from megatrain.parallel.mappings import copy_to_tp, gather_from_tp
@@ -230,8 +230,8 @@ def head_logits(weight: torch.Tensor, h: torch.Tensor, tp_group: Any) -> torch.T
 
 def head_loss(weight: torch.Tensor, h: torch.Tensor, labels: torch.Tensor, ctx: Ctx) -> torch.Tensor:
     """Mean cross-entropy of the head's logits, chunked so full fp32 logits never exist."""
-    return fused_linear_cross_entropy(copy_to_tp(h, ctx.tp_group), weight, labels, ctx.tp_group,
-                                      ctx.loss_chunk_tokens)
+    return kernels.linear_cross_entropy(copy_to_tp(h, ctx.tp_group), weight, labels, ctx.tp_group,
+                                        ctx.loss_chunk_tokens)
 
 
 def logits_loss(logits: torch.Tensor, labels: torch.Tensor, tp_group: Any) -> torch.Tensor:

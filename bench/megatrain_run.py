@@ -1,0 +1,123 @@
+"""One megatrain training configuration on one GPU: build through megatrain.engine, time the steps.
+
+Same measurement as bench/baseline_hf_ds.py: random tokens generated on the GPU,
+AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1), clipping 1.0, bf16, one
+micro-batch per step, synchronise around each step, median after warm-up. The
+step itself is what megatrain's Trainer.train_step does (engine forward with
+labels, engine.backward, engine.step). Prints one ``RESULT {json}`` line.
+
+    python bench/megatrain_run.py --shape tinyllama --mb 16 --compile 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.common import SHAPES, emit, gpu_name, single_process_env, summarize, time_steps  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
+    p.add_argument("--mb", type=int, default=16, help="micro-batch size (sequences)")
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--kernels", default="auto", help="train.fused_kernels: auto | triton | torch")
+    p.add_argument("--attention", default="auto", help="SDPA backend first in line (megatrain.model.kernels)")
+    p.add_argument("--compile", type=int, default=0, help="torch.compile every block")
+    p.add_argument("--zero", type=int, default=1, help="deepspeed.zero_stage")
+    p.add_argument("--ckpt", default="none", help="train.activation_checkpointing")
+    p.add_argument("--chunk", type=int, default=0, help="train.loss_chunk_tokens (0 = sized from the vocabulary)")
+    p.add_argument("--profile", type=int, default=0, help="profile this many extra steps and print the kernel mix")
+    p.add_argument("--tag", default="")
+    return p.parse_args(argv)
+
+
+def build_config(a: argparse.Namespace):
+    from megatrain.config import load_config
+
+    preset, seq, _ = SHAPES[a.shape]
+    return load_config(None, [
+        f"model.preset={preset}", f"train.seq_len={seq}", f"train.micro_batch_size={a.mb}",
+        "train.precision=bf16", f"deepspeed.zero_stage={a.zero}", f"train.activation_checkpointing={a.ckpt}",
+        f"train.fused_kernels={a.kernels}", f"train.compile={bool(a.compile)}", f"train.loss_chunk_tokens={a.chunk}",
+        "optimizer.lr=3e-4", "optimizer.beta1=0.9", "optimizer.beta2=0.95", "optimizer.weight_decay=0.1",
+        "optimizer.grad_clip=1.0", "schedule.warmup_steps=0", "schedule.decay=constant", "train.max_steps=1000",
+    ])
+
+
+def build(a: argparse.Namespace, cfg):
+    import deepspeed
+
+    from megatrain.engine import build_engine
+    from megatrain.model import kernels
+    from megatrain.parallel.state import ParallelState
+
+    single_process_env()
+    torch.cuda.set_device(0)
+    deepspeed.init_distributed(dist_backend="nccl")
+    mode = kernels.configure_kernels(a.kernels, a.attention)
+    st = ParallelState.build(1, 1)
+    built = build_engine(cfg, st, torch.device("cuda", 0))
+    if a.compile:
+        from megatrain.kernels.compile import apply_compile
+
+        apply_compile(built.module, cfg.train.seq_len)
+    return built, mode
+
+
+def estimate_gib(cfg) -> float | None:
+    try:
+        from megatrain.model.accounting import estimate_memory
+    except ImportError:
+        return None
+    t = cfg.train
+    est = estimate_memory(cfg.model, seq_len=t.seq_len, micro_batch=t.micro_batch_size, tp=1, pp=1, dp=1,
+                          zero_stage=cfg.deepspeed.zero_stage, offload="none", precision="bf16",
+                          checkpointing=t.activation_checkpointing, loss_chunk_tokens=t.loss_chunk_tokens)
+    return round(est["total"] / 2**30, 1)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    cfg = build_config(a)
+    built, mode = build(a, cfg)
+    engine, seq, vocab = built.engine, cfg.train.seq_len, cfg.model.vocab_size
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    last = {}
+
+    def step(_: int) -> None:
+        x = torch.randint(0, vocab, (a.mb, seq + 1), device="cuda", generator=gen)
+        loss = engine(x[:, :-1], x[:, 1:])
+        engine.backward(loss)
+        engine.step()
+        last["loss"] = loss
+
+    from megatrain.model.accounting import flops_per_token, num_params
+
+    torch.cuda.reset_peak_memory_stats()
+    times = time_steps(step, a.steps, a.warmup)
+    res = {"side": "megatrain", "shape": a.shape, "mb": a.mb, "seq": seq, "kernels": mode, "attention": a.attention,
+           "compile": bool(a.compile), "zero": a.zero, "ckpt": a.ckpt, "chunk": a.chunk, "tag": a.tag,
+           "params_B": round(num_params(cfg.model)["total"] / 1e9, 3)}
+    res.update(summarize(times, a.mb * seq, flops_per_token(cfg.model, seq)))
+    res.update({"peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+                "est_mem_GiB": estimate_gib(cfg), "loss_last": round(last["loss"].item(), 3),
+                "gpu": gpu_name(), "torch": torch.__version__})
+    if a.profile:
+        from bench.profile_mix import profile_steps
+
+        res["profile_ms"] = profile_steps(step, a.profile)
+    emit(res)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,129 @@
+"""Autograd wrappers around the Triton kernels: RMSNorm, SwiGLU and RoPE.
+
+Same signatures and results as the references in :mod:`megatrain.model.kernels`
+(which dispatches here for CUDA tensors when Triton is selected). What each one
+saves for backward is the minimum: RMSNorm keeps x and one fp32 rstd per row
+(the reference keeps an fp32 copy of x and more), SwiGLU keeps only its input
+(the reference also keeps silu(gate)), RoPE keeps nothing but the tables.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from megatrain.kernels import triton_kernels as tk
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":  # Triton's interpreter (CPU tensors) in tests
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., C) as (N, C) with a unit last stride, without copying when it already is."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _norm_warps(block: int) -> int:
+    return max(1, min(16, block // 256))
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):  # type: ignore[override]
+        x2 = _rows(x)
+        n, c = x2.shape
+        y = torch.empty((n, c), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+        rstd = torch.empty(n, dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(c)
+        tk.rms_norm_fwd_kernel[(n,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), c, eps, BLOCK=block,
+                                     num_warps=_norm_warps(block))
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x2, weight, rstd = ctx.saved_tensors
+        n, c = x2.shape
+        dy2 = _rows(dy)
+        dx = torch.empty_like(x2)
+        programs = max(1, min(n, 4 * _num_sms(x2.device)))
+        dw_part = torch.empty((programs, c), dtype=torch.float32, device=x2.device)
+        block = triton.next_power_of_2(c)
+        tk.rms_norm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0),
+                                            dx.stride(0), n, c, BLOCK=block, num_warps=_norm_warps(block))
+        dw = dw_part.sum(0).to(weight.dtype)
+        return dx.view(dy.shape), dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _RMSNorm.apply(x, weight, eps)
+
+
+_SWIGLU_BLOCK = 1024
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):  # type: ignore[override]
+        gu = _rows(gate_up)
+        n, f = gu.shape[0], gu.shape[1] // 2
+        y = torch.empty((n, f), dtype=gate_up.dtype, device=gate_up.device)
+        grid = (n, triton.cdiv(f, _SWIGLU_BLOCK))
+        tk.swiglu_fwd_kernel[grid](gu, y, f, gu.stride(0), y.stride(0), BLOCK=_SWIGLU_BLOCK, num_warps=4)
+        ctx.save_for_backward(gu)
+        ctx.shape = gate_up.shape
+        return y.view(*gate_up.shape[:-1], f)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        (gu,) = ctx.saved_tensors
+        n, f = gu.shape[0], gu.shape[1] // 2
+        dy2 = _rows(dy)
+        dgu = torch.empty_like(gu)
+        grid = (n, triton.cdiv(f, _SWIGLU_BLOCK))
+        tk.swiglu_bwd_kernel[grid](dy2, gu, dgu, f, dy2.stride(0), gu.stride(0), dgu.stride(0),
+                                   BLOCK=_SWIGLU_BLOCK, num_warps=4)
+        return dgu.view(ctx.shape)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    return _SwiGLU.apply(gate_up)
+
+
+def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """Rotate x (B, T, H, D), any strides with a unit last stride, into a new contiguous tensor."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    b, t, h, d = x.shape
+    y = torch.empty((b, t, h, d), dtype=x.dtype, device=x.device)
+    block_h = triton.next_power_of_2(h)
+    tk.rope_kernel[(b * t,)](x, cos, sin, y, t, h, x.stride(0), x.stride(1), x.stride(2), y.stride(0),
+                             y.stride(1), y.stride(2), cos.stride(0), HALF=d // 2, BLOCK_H=block_h,
+                             BACKWARD=backward, num_warps=4)
+    return y
+
+
+class _RoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):  # type: ignore[override]
+        ctx.save_for_backward(cos, sin)
+        return _rope_launch(q, cos, sin, False), _rope_launch(k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        return _rope_launch(dq, cos, sin, True), _rope_launch(dk, cos, sin, True), None, None
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return _RoPE.apply(q, k, cos, sin)

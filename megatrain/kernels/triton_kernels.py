@@ -1,0 +1,161 @@
+"""Triton kernels behind megatrain.model.kernels (imported only where Triton is installed).
+
+Each kernel reads its inputs once and writes its outputs once; arithmetic is
+fp32 in registers whatever the storage dtype. The launchers and autograd
+wrappers live in :mod:`megatrain.kernels.ops` and
+:mod:`megatrain.kernels.linear_ce`; the plain-PyTorch references they must
+match live in :mod:`megatrain.model.kernels`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+# --------------------------------------------------------------------------- RMSNorm
+
+
+@triton.jit
+def rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, C, eps, BLOCK: tl.constexpr):
+    """One row per program: y = w * cast(x * rstd). The cast to x's dtype before the weight
+    multiply is Hugging Face's order, so bf16 results round where the reference rounds."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < C
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)
+    xhat = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (w * xhat).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, N, C,
+                        BLOCK: tl.constexpr):
+    """Rows pid, pid + G, pid + 2G ... per program (G programs): dx per row, and this program's
+    partial sum of dw (summed over programs by the caller, in fp32)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < C
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, tl.cdiv(N - pid, nprog)):
+        r = pid.to(tl.int64) + i * nprog
+        x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + r)
+        xhat = x * rstd
+        dw += dy * xhat.to(X.dtype.element_ty).to(tl.float32)
+        g = dy * w
+        dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / C))
+        tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PART + pid * C + cols, dw, mask=mask)
+
+
+# --------------------------------------------------------------------------- SwiGLU
+
+
+@triton.jit
+def swiglu_fwd_kernel(GU, Y, F, stride_gu, stride_y, BLOCK: tl.constexpr):
+    """y = cast(silu(gate)) * up for a row laid out [gate | up] (the reference rounds silu first)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < F
+    g = tl.load(GU + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * stride_gu + F + cols, mask=mask, other=0.0).to(tl.float32)
+    s = (g * tl.sigmoid(g)).to(Y.dtype.element_ty).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (s * u).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def swiglu_bwd_kernel(DY, GU, DGU, F, stride_dy, stride_gu, stride_dgu, BLOCK: tl.constexpr):
+    """d gate = dy * up * silu'(gate), d up = dy * silu(gate), written side by side like the input."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < F
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GU + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * stride_gu + F + cols, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    dg = dy * u * sig * (1.0 + g * (1.0 - sig))
+    tl.store(DGU + row * stride_dgu + cols, dg.to(DGU.dtype.element_ty), mask=mask)
+    tl.store(DGU + row * stride_dgu + F + cols, (dy * silu).to(DGU.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- RoPE
+
+
+@triton.jit
+def rope_kernel(X, COS, SIN, Y, T, NH, stride_xb, stride_xt, stride_xh, stride_yb, stride_yt, stride_yh,
+                stride_cos, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr):
+    """All heads of one (b, t) per program, "rotate half" layout: y1 = x1 c - x2 s, y2 = x2 c + x1 s.
+    The backward pass is the inverse rotation (s -> -s), the transpose of this orthogonal map."""
+    pid = tl.program_id(0)
+    b = (pid // T).to(tl.int64)
+    t = (pid % T).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, HALF)[None, :]
+    mask = h < NH
+    c = tl.load(COS + t * stride_cos + d).to(tl.float32)
+    s = tl.load(SIN + t * stride_cos + d).to(tl.float32)
+    if BACKWARD:
+        s = -s
+    xp = X + b * stride_xb + t * stride_xt + h * stride_xh + d
+    x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
+    yp = Y + b * stride_yb + t * stride_yt + h * stride_yh + d
+    tl.store(yp, (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=mask)
+    tl.store(yp + HALF, (x2 * c + x1 * s).to(Y.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- cross-entropy over logits rows
+
+
+@triton.jit
+def ce_stats_kernel(Z, LABELS, MAX, SUMEXP, TARGET, stride_z, V, vocab_start, ignore_index,
+                    BLOCK: tl.constexpr):
+    """Per row of local logits: max, sum(exp(z - max)) (online, one pass) and the target logit
+    (0 where the label is ignored or lives on another TP rank's slice of the vocabulary)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = Z + row * stride_z
+    cols = tl.arange(0, BLOCK)
+    m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, V, BLOCK):
+        z = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, z)
+        # lanes still at -inf (nothing seen yet) contribute 0; guard the -inf - -inf NaN
+        scale = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
+        acc = acc * scale + tl.where(m_new == float("-inf"), 0.0, tl.exp(z - m_new))
+        m = m_new
+    row_max = tl.max(m, axis=0)
+    row_sum = tl.sum(acc * tl.exp(m - row_max), axis=0)
+    label = tl.load(LABELS + row).to(tl.int64)
+    local = label - vocab_start
+    inside = (label != ignore_index) & (local >= 0) & (local < V)
+    target = tl.load(base + tl.where(inside, local, 0)).to(tl.float32)
+    tl.store(MAX + row, row_max)
+    tl.store(SUMEXP + row, row_sum)
+    tl.store(TARGET + row, tl.where(inside, target, 0.0))
+
+
+@triton.jit
+def ce_grad_kernel(Z, LABELS, LSE, SCALE, stride_z, V, vocab_start, ignore_index, BLOCK: tl.constexpr):
+    """In place: z <- (softmax(z) - onehot(label)) * scale, rows with an ignored label <- 0.
+    ``lse`` is the global log-sum-exp (all TP ranks), ``scale`` a one-element device tensor
+    (1 / number of counted tokens), so no value ever travels to the host."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < V
+    label = tl.load(LABELS + row).to(tl.int64)
+    lse = tl.load(LSE + row)
+    scale = tl.load(SCALE)
+    keep = label != ignore_index
+    z = tl.load(Z + row * stride_z + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.exp(z - lse) - tl.where(cols == label - vocab_start, 1.0, 0.0)
+    g = tl.where(keep, g * scale, 0.0)
+    tl.store(Z + row * stride_z + cols, g.to(Z.dtype.element_ty), mask=mask)

@@ -23,7 +23,8 @@ install_packages() {
   local missing=()
   for c in "${COMMANDS[@]}"; do command -v "$c" >/dev/null 2>&1 || missing+=("$c"); done
   # mpi4py's wheel dlopens libmpi.so.40 (OpenMPI) at run time, so check the library too.
-  ldconfig -p 2>/dev/null | grep -q 'libmpi\.so\.40' || missing+=("libmpi.so.40")
+  # (grep without -q reads all input: an early exit would SIGPIPE ldconfig and fail under pipefail)
+  ldconfig -p 2>/dev/null | grep 'libmpi\.so\.40' >/dev/null || missing+=("libmpi.so.40")
   if ((${#missing[@]} == 0)); then log "packages already installed"; return; fi
   log "installing ${PACKAGES[*]} (missing: ${missing[*]})"
   export DEBIAN_FRONTEND=noninteractive
@@ -58,6 +59,8 @@ write_slurm_conf() {
   # SlurmdParameters=config_overrides lets the node advertise more CPUs than it has, so
   # several tiny 2-task test jobs can share a 2-core CI machine instead of queueing.
   # proctrack/linuxproc + task/none need no cgroups (containers rarely delegate them).
+  # MinJobAge=4 (seconds a finished job stays listed) makes `sbatch --wait` poll every 2 s
+  # instead of backing off to 32 s and more (it backs off only while below MinJobAge / 2).
   local tmp
   tmp=$(mktemp)
   cat >"$tmp" <<CONF
@@ -87,7 +90,7 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 JobRequeue=1
 KillWait=5
-MinJobAge=600
+MinJobAge=4
 SlurmdTimeout=60
 InactiveLimit=0
 Waittime=0

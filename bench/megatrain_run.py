@@ -66,11 +66,21 @@ def build(a: argparse.Namespace, cfg):
     mode = kernels.configure_kernels(a.kernels, a.attention)
     st = ParallelState.build(1, 1)
     built = build_engine(cfg, st, torch.device("cuda", 0))
+    _rope_tables_on_cpu(built.module)
     if a.compile:
         from megatrain.kernels.compile import apply_compile
 
         apply_compile(built.module, cfg.train.seq_len)
     return built, mode
+
+
+def _rope_tables_on_cpu(module) -> None:
+    """Work around Rotary.tables mixing devices when the model was built under ``torch.device('cuda')``
+    (inv_freq on the GPU, positions on the CPU); the fix belongs in llama.py (see docs/perf-notes.md)."""
+    for m in module.modules():
+        rot = getattr(m, "rotary", None)
+        if rot is not None and rot.inv_freq.device.type != "cpu":
+            rot.inv_freq = rot.inv_freq.cpu()
 
 
 def estimate_gib(cfg) -> float | None:

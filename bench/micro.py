@@ -60,7 +60,8 @@ def check_kernels() -> list[str]:
         cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
         cases = {"rms_norm": (ops.rms_norm, K.rms_norm_reference, (x, w), (1e-5,)),
                  "swiglu": (ops.swiglu, K.swiglu_reference, (gu,), ()),
-                 "rope": (ops.apply_rope, K.apply_rope_reference, (q, k), (cos, sin))}
+                 "rope": (ops.apply_rope, K.apply_rope_reference, (q, k), (cos, sin)),
+                 "qkv_rope": (ops.split_qkv_rope, K.split_qkv_rope, (qkv,), (cos, sin))}
         for name, (fast, ref, ins, extra) in cases.items():
             a = _grads(lambda *t: fast(*t, *extra), ins)
             b = _grads(lambda *t: ref(*t, *extra), [t.double() if dt == torch.float32 else t for t in ins])

@@ -127,3 +127,44 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     if cos.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
     return _RoPE.apply(q, k, cos, sin)
+
+
+def _qkv_launch(qkv, cos, sin, q, k, v, backward: bool) -> None:
+    b, t, kv, r2, d = qkv.shape
+    nrows = kv * r2
+    tk.qkv_rope_kernel[(b * t,)](qkv, cos, sin, q, k, v, t, r2, nrows, qkv.stride(0), qkv.stride(1),
+                                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                                 v.stride(0), v.stride(1), v.stride(2), cos.stride(0), HALF=d // 2,
+                                 BLOCK_R=triton.next_power_of_2(nrows), BACKWARD=backward, num_warps=4)
+
+
+class _QKVRoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin):  # type: ignore[override]
+        b, t, kv, r2, d = qkv.shape
+        q = torch.empty((b, t, kv * (r2 - 2), d), dtype=qkv.dtype, device=qkv.device)
+        k = torch.empty((b, t, kv, d), dtype=qkv.dtype, device=qkv.device)
+        v = torch.empty_like(k)
+        _qkv_launch(qkv, cos, sin, q, k, v, False)
+        ctx.save_for_backward(cos, sin)
+        ctx.shape, ctx.dtype = qkv.shape, qkv.dtype
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        # (autograd materialises unused output gradients as zeros, so all three are tensors)
+        dqkv = torch.empty(ctx.shape, dtype=ctx.dtype, device=dq.device)
+        dq, dk, dv = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv))
+        _qkv_launch(dqkv, cos, sin, dq, dk, dv, True)
+        return dqkv, None, None
+
+
+def split_qkv_rope(qkv: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T, K, r+2, D) with unit stride over (r+2, D) -> rotated q (B, T, K r, D), rotated k and v (B, T, K, D)."""
+    if qkv.stride(-1) != 1 or qkv.stride(-2) != qkv.shape[-1] or qkv.stride(-3) != qkv.shape[-1] * qkv.shape[-2]:
+        qkv = qkv.contiguous()
+    if cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return _QKVRoPE.apply(qkv, cos, sin)

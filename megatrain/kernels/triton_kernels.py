@@ -159,3 +159,56 @@ def ce_grad_kernel(Z, LABELS, LSE, SCALE, stride_z, V, vocab_start, ignore_index
     g = tl.exp(z - lse) - tl.where(cols == label - vocab_start, 1.0, 0.0)
     g = tl.where(keep, g * scale, 0.0)
     tl.store(Z + row * stride_z + cols, g.to(Z.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- fused QKV split + RoPE
+
+
+@triton.jit
+def qkv_rope_kernel(QKV, COS, SIN, Q, K, V, T, R2, NROWS, stride_b, stride_t, sqb, sqt, sqh, skb, skt, skh,
+                    svb, svt, svh, stride_cos, HALF: tl.constexpr, BLOCK_R: tl.constexpr, BACKWARD: tl.constexpr):
+    """One (b, t) per program over the fused projection's rows ``(K, r + 2, D)``: slot s < r of group g is
+    query head g r + s, slot r the key of group g, slot r + 1 its value (not rotated).
+
+    Forward reads the QKV row once and writes q, k (rotated) and v. Backward (``BACKWARD``) reads dq, dk, dv
+    and writes the whole dQKV row once, with the inverse rotation: no zero-filled slices to sum."""
+    pid = tl.program_id(0)
+    b = (pid // T).to(tl.int64)
+    t = (pid % T).to(tl.int64)
+    j = tl.arange(0, BLOCK_R)[:, None]  # row of (K, r+2) flattened
+    d = tl.arange(0, HALF)[None, :]
+    g = j // R2
+    slot = j % R2
+    live = j < NROWS
+    is_q = live & (slot < R2 - 2)
+    is_k = live & (slot == R2 - 2)
+    is_v = live & (slot == R2 - 1)
+    c = tl.load(COS + t * stride_cos + d).to(tl.float32)
+    s = tl.load(SIN + t * stride_cos + d).to(tl.float32)
+    c = tl.where(is_v, 1.0, c)  # values pass through unrotated
+    s = tl.where(is_v, 0.0, s)
+    if BACKWARD:
+        s = -s
+    qp = Q + b * sqb + t * sqt + (g * (R2 - 2) + slot) * sqh + d
+    kp = K + b * skb + t * skt + g * skh + d
+    vp = V + b * svb + t * svt + g * svh + d
+    rowp = QKV + b * stride_b + t * stride_t + j * (2 * HALF) + d
+    if BACKWARD:
+        x1 = (tl.load(qp, mask=is_q, other=0.0).to(tl.float32) + tl.load(kp, mask=is_k, other=0.0).to(tl.float32)
+              + tl.load(vp, mask=is_v, other=0.0).to(tl.float32))
+        x2 = (tl.load(qp + HALF, mask=is_q, other=0.0).to(tl.float32)
+              + tl.load(kp + HALF, mask=is_k, other=0.0).to(tl.float32)
+              + tl.load(vp + HALF, mask=is_v, other=0.0).to(tl.float32))
+        tl.store(rowp, (x1 * c - x2 * s).to(QKV.dtype.element_ty), mask=live)
+        tl.store(rowp + HALF, (x2 * c + x1 * s).to(QKV.dtype.element_ty), mask=live)
+    else:
+        x1 = tl.load(rowp, mask=live, other=0.0).to(tl.float32)
+        x2 = tl.load(rowp + HALF, mask=live, other=0.0).to(tl.float32)
+        y1 = x1 * c - x2 * s
+        y2 = x2 * c + x1 * s
+        tl.store(qp, y1.to(Q.dtype.element_ty), mask=is_q)
+        tl.store(qp + HALF, y2.to(Q.dtype.element_ty), mask=is_q)
+        tl.store(kp, y1.to(K.dtype.element_ty), mask=is_k)
+        tl.store(kp + HALF, y2.to(K.dtype.element_ty), mask=is_k)
+        tl.store(vp, y1.to(V.dtype.element_ty), mask=is_v)
+        tl.store(vp + HALF, y2.to(V.dtype.element_ty), mask=is_v)

@@ -88,6 +88,25 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return apply_rope_reference(q, k, cos, sin)
 
 
+def split_qkv_rope(qkv: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split the fused projection (B, T, K, r+2, D) (per KV group: r query heads, then k, then v) into
+    q (B, T, K r, D) and k, v (B, T, K, D), with RoPE applied to q and k; query head h uses KV head h // r.
+
+    The fused version reads the projection once and, in backward, writes its gradient once; sliced views
+    cost a zero-filled full-size gradient per slice and two full-size additions per layer."""
+    half = qkv.shape[-1] // 2
+    if _use_fused(qkv) and half & (half - 1) == 0 and qkv.shape[-1] % 2 == 0:
+        from megatrain.kernels import ops
+
+        return ops.split_qkv_rope(qkv, cos, sin)
+    b, t, _, r2, d = qkv.shape
+    q = qkv[:, :, :, : r2 - 2].reshape(b, t, -1, d)
+    k, v = qkv[:, :, :, r2 - 2], qkv[:, :, :, r2 - 1]
+    q, k = apply_rope(q, k, cos, sin)
+    return q, k, v
+
+
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (see :func:`swiglu_reference`)."""
     if _use_fused(gate_up):

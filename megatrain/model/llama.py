@@ -117,10 +117,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.qkv(x).view(b, t, self.kv_local, self.q_per_kv + 2, self.head_dim)  # (B, T, K, r+2, D)
-        q = qkv[:, :, :, : self.q_per_kv].reshape(b, t, -1, self.head_dim)  # (B, T, H, D), head h uses KV h // r
-        k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]  # (B, T, K, D)
         cos, sin = self.rotary.tables(t, x.device)
-        q, k = kernels.apply_rope(q, k, cos, sin)
+        # q (B, T, H, D) with head h using KV h // r; k, v (B, T, K, D); q and k rotated
+        q, k, v = kernels.split_qkv_rope(qkv, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
         p = self.dropout if self.training else 0.0
         if p > 0 and self.rng is not None:

@@ -165,11 +165,21 @@ _INTERPRETED = textwrap.dedent("""
     q, k = qkv[:, :, :, :2].reshape(2, 6, 4, 16), qkv[:, :, :, 2]
     ang = torch.rand(6, 8) * 20
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    qkv5 = torch.randn(2, 5, 4, 10, 16)  # (B, T, K, r+2, D), r = 8
+
+    def split_ref(x, c, s):  # slicing, then the reference rotation
+        b, t, _, r2, d = x.shape
+        qq, kk = K.apply_rope_reference(x[:, :, :, : r2 - 2].reshape(b, t, -1, d), x[:, :, :, r2 - 2], c, s)
+        return qq, kk, x[:, :, :, r2 - 1]
+
+    ang5 = torch.rand(5, 8) * 20
+    cos5, sin5 = torch.cat([ang5, ang5], -1).cos(), torch.cat([ang5, ang5], -1).sin()
     h, w, y = torch.randn(50, 32), torch.randn(500, 32) * 0.3, torch.randint(0, 500, (50,))
     y[::7] = -100
     cases = [(ops.rms_norm, K.rms_norm_reference, (torch.randn(2, 5, 96), 1 + torch.randn(96) / 10), (1e-5,)),
              (ops.swiglu, K.swiglu_reference, (torch.randn(2, 5, 80),), ()),
              (ops.apply_rope, K.apply_rope_reference, (q, k), (cos, sin)),
+             (ops.split_qkv_rope, split_ref, (qkv5,), (cos5, sin5)),
              (lambda a, b: linear_cross_entropy(a, b, y, chunk_tokens=16, ops=triton_ops()),
               lambda a, b: fused_linear_cross_entropy(a, b, y, chunk_tokens=16), (h, w), ())]
     worst = max(rel(a, b) for fast, ref, ins, extra in cases

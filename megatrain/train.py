@@ -18,7 +18,7 @@ from typing import Optional
 log = logging.getLogger("megatrain.train")
 
 DEMO_DEFAULTS = [
-    "model.preset=demo", "train.seq_len=256", "train.micro_batch_size=8", "train.max_steps=300",
+    "model.preset=demo", "data.split=95,5,0", "train.seq_len=256", "train.micro_batch_size=8", "train.max_steps=300",
     "optimizer.lr=2e-3", "optimizer.min_lr=2e-4", "schedule.warmup_steps=30", "eval.interval=100",
     "eval.steps=4", 'eval.prompts=["def ", "The "]', "eval.sample_tokens=24", "logging.interval=10",
     "run.dir=runs/demo",
@@ -114,11 +114,12 @@ def train_with(cfg, st, device):
     """Everything after the process group exists: data, engine, the loop. Returns the Trainer."""
     import torch.distributed as dist
 
-    from megatrain.engine import build_engine, plan_batch
+    from megatrain.engine import build_ds_config, build_engine, plan_batch
     from megatrain.report import start_report
     from megatrain.trainer import Trainer
 
-    plan = plan_batch(cfg.train, st.dp_size)  # batch errors before any data is touched
+    plan = plan_batch(cfg.train, st.dp_size)  # batch and template errors before any data is touched
+    build_ds_config(cfg, plan)
     tokenizer = _prepare_data(cfg, st)
     datasets, fingerprints = _build_datasets(cfg, st, plan, tokenizer)
     run_dir = Path(cfg.run.dir)
@@ -178,8 +179,7 @@ def _build_datasets(cfg, st, plan, tokenizer):
 
     n_train = cfg.train.max_steps * plan.global_batch
     n_valid = max(1, cfg.eval.steps) * plan.micro_batch * st.dp_size
-    datasets = build_datasets(cfg.data, seq_len=cfg.train.seq_len, num_samples={"train": n_train, "valid": n_valid,
-                                                                               "test": n_valid},
+    datasets = build_datasets(cfg.data, seq_len=cfg.train.seq_len, num_samples={"train": n_train, "valid": n_valid},
                               seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
                               tokenizer_sha256=tokenizer.sha256 if tokenizer else None)
     return datasets, {"data": data_fingerprint(cfg.data), "tokenizer": tokenizer.sha256 if tokenizer else None}

@@ -14,7 +14,6 @@ import json
 import logging
 import mmap
 import os
-import shutil
 import struct
 from typing import Any, Iterable, Optional
 
@@ -130,7 +129,7 @@ class IndexedDataset:
         self._check_sidecar()
         self.vocab_size = vocab_size if vocab_size is not None else (self.sidecar or {}).get("vocab_size")
         if self.vocab_size is not None:
-            self._check_dtype_fits(int(self.vocab_size))
+            self.check_vocab_size(int(self.vocab_size))
         if verify == "full":
             self.verify_tokens()
 
@@ -243,7 +242,8 @@ class IndexedDataset:
                 raise DataFormatError(f"{path}: {field}: sidecar says {side[field]!r} but {self.idx_path} has "
                                       f"{value!r}; the sidecar belongs to another dataset, re-run preprocessing")
 
-    def _check_dtype_fits(self, vocab_size: int) -> None:
+    def check_vocab_size(self, vocab_size: int) -> None:
+        """Raise when the token dtype cannot hold ids of this vocabulary (e.g. uint16 data, 128K vocabulary)."""
         if self.dtype.kind not in "iu":
             return
         limit = UINT16_VOCAB_LIMIT if self.dtype == np.uint16 else int(np.iinfo(self.dtype).max) + 1
@@ -536,17 +536,9 @@ def merge_datasets(prefixes: list[str], output_prefix: str, tool: Optional[str] 
     dtype = first.dtype
     del first
     extra = {k: side[k] for k in ("tokenizer_sha256", "eod_id") if side.get(k) is not None}
+    if not side.get("vocab_size"):
+        extra["vocab_size"] = None  # unknown: the builder's bound above is the dtype's, not a vocabulary
     with IndexedDatasetBuilder(output_prefix, vocab_size=int(vocab), dtype=dtype) as builder:
         for p in prefixes:
             builder.add_dataset(normalize_prefix(p))
         return builder.finalize(tool=tool, **extra)
-
-
-def copy_dataset(src_prefix: str, dst_prefix: str) -> None:
-    """Copy .bin/.idx(/.json) of a dataset (temp names, .idx renamed last)."""
-    for ext in (".json", ".bin", ".idx"):
-        src = src_prefix + ext
-        if os.path.exists(src):
-            tmp = f"{dst_prefix}{ext}.partial-{os.getpid()}"
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst_prefix + ext)

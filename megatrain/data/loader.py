@@ -63,7 +63,7 @@ def open_dataset(prefix: str, *, verify: str, vocab_size: int, tokenizer_sha256:
             raise DataFormatError(f"{ds.sidecar_path}: tokenizer_sha256: the dataset was tokenized with "
                                   f"{side_sha[:16]}..., but data.tokenizer is {tokenizer_sha256[:16]}...; point "
                                   f"data.tokenizer at the model used for preprocessing, or re-run preprocessing")
-    ds._check_dtype_fits(vocab_size)
+    ds.check_vocab_size(vocab_size)
     ds.vocab_size = vocab_size
     if verify == "full":
         ds.verify_tokens(vocab_size)

@@ -8,6 +8,7 @@ one run over everything gives.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -16,7 +17,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import threading
 import time
 from typing import Any, Iterator, Optional
 
@@ -27,7 +27,8 @@ from megatrain.data.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-BATCH_RECORDS = 256
+BATCH_RECORDS = 4096
+BATCH_BYTES = 1 << 20  # per task: large enough that inter-process hand-offs are rare
 MAX_REPORTED_ERRORS = 20
 
 
@@ -187,6 +188,7 @@ def _batches(files: list[str], opts: PreprocessOptions, lo: int, hi: int) -> Ite
     for file_idx, path in enumerate(files):
         is_json = _is_json(path)
         batch: list[tuple[int, bytes]] = []
+        size = 0
         for lineno, raw in iter_records(path, opts.text_unit):
             inside = hi < 0 or lo <= ordinal < hi
             ordinal += 1
@@ -195,9 +197,10 @@ def _batches(files: list[str], opts: PreprocessOptions, lo: int, hi: int) -> Ite
                     break
                 continue
             batch.append((lineno, raw))
-            if len(batch) >= BATCH_RECORDS:
+            size += len(raw)
+            if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
                 yield file_idx, is_json, batch
-                batch = []
+                batch, size = [], 0
         if batch:
             yield file_idx, is_json, batch
         if hi >= 0 and ordinal >= hi:
@@ -270,17 +273,19 @@ def _record_result(res: dict, builders: list, state: dict, result: PreprocessRes
         builder.add_sequences(flat, lengths, document_ends=True)
 
 
-def _results(batches: Iterator[tuple], opts: PreprocessOptions) -> Iterator[dict]:
+@contextlib.contextmanager
+def _encoder(opts: PreprocessOptions):
+    """A function mapping an iterator of batches to an iterator of results, in order."""
     init = (opts.tokenizer_model, tuple(opts.json_keys), opts.append_eod, opts.prepend_bos, opts.dedup)
     if opts.workers == 1:
         _init_worker(*init)
-        for b in batches:
-            yield _encode_batch(b)
+        yield lambda batches: map(_encode_batch, batches)
         return
-    # fork is fastest; fall back to spawn when threads exist (forking a threaded process is unsafe).
-    method = "fork" if "fork" in mp.get_all_start_methods() and threading.active_count() == 1 else "spawn"
+    # fork: workers start in milliseconds and need no importable __main__. The pool is created before any
+    # progress bar, so no helper thread (tqdm's monitor) exists yet when the process forks.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with mp.get_context(method).Pool(opts.workers, initializer=_init_worker, initargs=init) as pool:
-        yield from pool.imap(_encode_batch, batches, chunksize=1)
+        yield lambda batches: pool.imap(_encode_batch, batches, chunksize=1)
 
 
 def preprocess(opts: PreprocessOptions) -> PreprocessResult:
@@ -299,9 +304,9 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     builders = [IndexedDatasetBuilder(p, vocab_size=tok.vocab_size, dtype=best_dtype(tok.vocab_size))
                 for p in outputs]
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=not opts.progress,
-                  mininterval=1.0) as bar:
-            for res in _results(_batches(files, opts, lo, hi), opts):
+        with _encoder(opts) as encode, tqdm(total=total, unit="B", unit_scale=True, desc="preprocess",
+                                            disable=not opts.progress, mininterval=1.0) as bar:
+            for res in encode(_batches(files, opts, lo, hi)):
                 _record_result(res, builders, state, result, files, opts.strict)
                 bar.update(res["bytes"])
                 elapsed = max(time.perf_counter() - start, 1e-9)

@@ -13,7 +13,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from megatrain.data import preprocess as preprocess_module
 from megatrain.data.indexed import IndexedDataset, read_sidecar

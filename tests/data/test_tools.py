@@ -68,7 +68,8 @@ def test_preprocess_output_and_summary(tmp_path, corpus_jsonl, tiny_tokenizer, c
     assert side["sources"][0]["path"].endswith("corpus.jsonl")
 
 
-def test_workers_do_not_change_the_output(tmp_path, corpus_jsonl, tiny_tokenizer):
+def test_workers_do_not_change_the_output(tmp_path, corpus_jsonl, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(preprocess_module, "BATCH_RECORDS", 16)  # many tasks, spread over both workers
     _run_pre(corpus_jsonl, str(tmp_path / "w1"), tiny_tokenizer, "--workers", "1", "--append-eod")
     _run_pre(corpus_jsonl, str(tmp_path / "w2"), tiny_tokenizer, "--workers", "2", "--append-eod")
     assert _files(str(tmp_path / "w1")) == _files(str(tmp_path / "w2"))
@@ -145,6 +146,7 @@ def test_interrupted_in_process_leaves_nothing(tmp_path, corpus_jsonl, tiny_toke
         return real(batch)
 
     monkeypatch.setattr(preprocess_module, "_encode_batch", dying)
+    monkeypatch.setattr(preprocess_module, "BATCH_RECORDS", 50)  # several batches: the first one is written
     assert _run_pre(corpus_jsonl, str(tmp_path / "cut"), tiny_tokenizer) == 130
     assert [f for f in os.listdir(tmp_path) if f.startswith("cut")] == []
 

@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import threading
+import weakref
 from fractions import Fraction
 from typing import Any, Iterator, Optional
 
@@ -217,6 +218,25 @@ class _Wrapped:
         return self.n
 
 
+def _produce(indices: Iterator[range], dataset, out: queue.Queue, stop: threading.Event, pin: bool) -> None:
+    """Prefetch thread: assemble micro-batches ahead of the consumer until ``stop`` is set."""
+    try:
+        for ids in indices:
+            tokens, labels = _collate([dataset[i] for i in ids])
+            if pin:
+                tokens, labels = tokens.pin_memory(), labels.pin_memory()
+            while not stop.is_set():
+                try:
+                    out.put((tokens, labels), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+    except BaseException as e:  # handed to the consumer, raised there
+        out.put(e)
+
+
 class MicroBatchSampler:
     """Iterator over (tokens, labels) torch.LongTensor (micro_batch, seq_len) for one DP rank, forever.
 
@@ -244,8 +264,13 @@ class MicroBatchSampler:
             self._thread = None
         else:
             self._iter = None
-            self._thread = threading.Thread(target=self._produce, name="megatrain-prefetch", daemon=True)
+            # The thread gets no reference to self: when the caller drops the sampler (e.g. after an
+            # evaluation), the finalizer stops the thread instead of the thread keeping the sampler alive.
+            self._thread = threading.Thread(target=_produce, name="megatrain-prefetch", daemon=True,
+                                            args=(self._indices, self.dataset, self._queue, self._stop,
+                                                  self.pin_memory))
             self._thread.start()
+        weakref.finalize(self, self._stop.set)
 
     def _loader_iter(self, num_workers: int, prefetch: int) -> Iterator[tuple]:
         import torch.utils.data as tud
@@ -254,27 +279,6 @@ class MicroBatchSampler:
                                 num_workers=num_workers, pin_memory=self.pin_memory,
                                 prefetch_factor=max(1, prefetch // num_workers), persistent_workers=False)
         return iter(loader)
-
-    def _make(self, ids: range) -> tuple:
-        tokens, labels = _collate([self.dataset[i] for i in ids])
-        if self.pin_memory:
-            tokens, labels = tokens.pin_memory(), labels.pin_memory()
-        return tokens, labels
-
-    def _produce(self) -> None:
-        try:
-            for ids in self._indices:
-                item = self._make(ids)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-        except BaseException as e:  # handed to the consumer, raised there
-            self._queue.put(e)
 
     def __iter__(self) -> "MicroBatchSampler":
         return self
@@ -298,12 +302,6 @@ class MicroBatchSampler:
         if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout=5)
         self._iter = None
-
-    def __del__(self) -> None:
-        try:
-            self._stop.set()
-        except Exception:
-            pass
 
 
 def build_micro_batches(dataset, *, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int,

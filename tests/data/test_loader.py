@@ -160,3 +160,21 @@ def test_data_fingerprint(tmp_path):
     assert data_fingerprint(DataConfig(path=str(tmp_path / "moved" / "a"))) == fp
     os.remove(a + ".json")  # no sidecar: the index content is hashed instead
     assert len(data_fingerprint(DataConfig(path=a))) == 16
+
+
+def test_dropped_sampler_stops_its_thread():
+    import gc
+    import threading
+    import time
+
+    before = threading.active_count()
+    it = build_micro_batches(Identity(), micro_batch_size=2, global_batch_size=2, dp_rank=0, dp_size=1,
+                             consumed_samples=0)
+    next(it)
+    assert threading.active_count() == before + 1
+    del it  # an evaluation that read what it needed and moved on, without close()
+    gc.collect()
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before

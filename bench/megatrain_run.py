@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", default="none", help="train.activation_checkpointing")
     p.add_argument("--chunk", type=int, default=0, help="train.loss_chunk_tokens (0 = sized from the vocabulary)")
     p.add_argument("--profile", type=int, default=0, help="profile this many extra steps and print the kernel mix")
+    p.add_argument("--igu", type=int, default=0,
+                   help="experiment: DeepSpeed bf16 immediate_grad_update (added to the engine's DeepSpeed config)")
     p.add_argument("--tag", default="")
     return p.parse_args(argv)
 
@@ -64,6 +66,8 @@ def build(a: argparse.Namespace, cfg):
     torch.cuda.set_device(0)
     deepspeed.init_distributed(dist_backend="nccl")
     mode = kernels.configure_kernels(a.kernels, a.attention)
+    if a.igu:
+        _patch_ds_config({"bf16": {"immediate_grad_update": True}})
     st = ParallelState.build(1, 1)
     built = build_engine(cfg, st, torch.device("cuda", 0))
     _rope_tables_on_cpu(built.module)
@@ -72,6 +76,21 @@ def build(a: argparse.Namespace, cfg):
 
         apply_compile(built.module, cfg.train.seq_len)
     return built, mode
+
+
+def _patch_ds_config(extra: dict) -> None:
+    """Merge ``extra`` into the DeepSpeed config megatrain.engine builds (bench experiments only)."""
+    import megatrain.engine as eng
+
+    build = eng.build_ds_config
+
+    def patched(cfg, plan):
+        ds = build(cfg, plan)
+        for key, value in extra.items():
+            ds[key] = {**ds.get(key, {}), **value} if isinstance(value, dict) else value
+        return ds
+
+    eng.build_ds_config = patched
 
 
 def _rope_tables_on_cpu(module) -> None:
@@ -115,7 +134,7 @@ def main(argv=None) -> None:
     torch.cuda.reset_peak_memory_stats()
     times = time_steps(step, a.steps, a.warmup)
     res = {"side": "megatrain", "shape": a.shape, "mb": a.mb, "seq": seq, "kernels": mode, "attention": a.attention,
-           "compile": bool(a.compile), "zero": a.zero, "ckpt": a.ckpt, "chunk": a.chunk, "tag": a.tag,
+           "compile": bool(a.compile), "zero": a.zero, "igu": bool(a.igu), "ckpt": a.ckpt, "chunk": a.chunk, "tag": a.tag,
            "params_B": round(num_params(cfg.model)["total"] / 1e9, 3)}
     res.update(summarize(times, a.mb * seq, flops_per_token(cfg.model, seq)))
     res.update({"peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1),

@@ -61,7 +61,9 @@ def check_kernels() -> list[str]:
         cases = {"rms_norm": (ops.rms_norm, K.rms_norm_reference, (x, w), (1e-5,)),
                  "swiglu": (ops.swiglu, K.swiglu_reference, (gu,), ()),
                  "rope": (ops.apply_rope, K.apply_rope_reference, (q, k), (cos, sin)),
-                 "qkv_rope": (ops.split_qkv_rope, K.split_qkv_rope, (qkv,), (cos, sin))}
+                 "qkv_rope": (ops.split_qkv_rope, K.split_qkv_rope, (qkv,), (cos, sin)),
+                 "add_norm": (ops.add_rms_norm, lambda a, b, ww, e: (a + b, K.rms_norm_reference(a + b, ww, e)),
+                              (x, x.flip(0), w), (1e-5,))}
         for name, (fast, ref, ins, extra) in cases.items():
             a = _grads(lambda *t: fast(*t, *extra), ins)
             b = _grads(lambda *t: ref(*t, *extra), [t.double() if dt == torch.float32 else t for t in ins])

@@ -93,6 +93,8 @@ def variant(r: dict) -> str:
     if r["side"] == "baseline":
         return "HF+DS ZeRO-%d%s" % (r.get("zero", 2), " +Liger" if r.get("liger") else "")
     bits = [r.get("kernels", "?"), "compile" if r.get("compile") else "eager", f"ZeRO-{r.get('zero')}"]
+    if r.get("igu"):
+        bits.append("igu")
     if r.get("attention") not in (None, "auto"):
         bits.append(r["attention"])
     if r.get("ckpt") not in (None, "none"):

@@ -34,36 +34,70 @@ def _norm_warps(block: int) -> int:
     return max(1, min(16, block // 256))
 
 
+def _norm_fwd(x2: torch.Tensor, delta2, weight: torch.Tensor, eps: float):
+    """(y, rstd, s): s = x + delta when delta is given (else x itself), y = RMSNorm(s) * weight."""
+    n, c = x2.shape
+    y = torch.empty((n, c), dtype=torch.promote_types(x2.dtype, weight.dtype), device=x2.device)
+    rstd = torch.empty(n, dtype=torch.float32, device=x2.device)
+    s = torch.empty_like(x2) if delta2 is not None else x2
+    block = triton.next_power_of_2(c)
+    d = delta2 if delta2 is not None else x2
+    tk.rms_norm_fwd_kernel[(n,)](x2, d, s, weight, y, rstd, x2.stride(0), d.stride(0), s.stride(0), y.stride(0), c,
+                                 eps, BLOCK=block, HAS_DELTA=delta2 is not None, num_warps=_norm_warps(block))
+    return y, rstd, s
+
+
+def _norm_bwd(dy2: torch.Tensor, s2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, ds2=None):
+    """(dx, dw); dx includes ds (the residual stream's gradient) when given."""
+    n, c = s2.shape
+    dx = torch.empty_like(s2)
+    programs = max(1, min(n, 4 * _num_sms(s2.device)))
+    dw_part = torch.empty((programs, c), dtype=torch.float32, device=s2.device)
+    block = triton.next_power_of_2(c)
+    d = ds2 if ds2 is not None else dy2
+    tk.rms_norm_bwd_kernel[(programs,)](dy2, s2, weight, rstd, dx, dw_part, d, dy2.stride(0), s2.stride(0),
+                                        dx.stride(0), d.stride(0), n, c, BLOCK=block, HAS_DS=ds2 is not None,
+                                        num_warps=_norm_warps(block))
+    return dx, dw_part.sum(0).to(weight.dtype)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):  # type: ignore[override]
         x2 = _rows(x)
-        n, c = x2.shape
-        y = torch.empty((n, c), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-        rstd = torch.empty(n, dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(c)
-        tk.rms_norm_fwd_kernel[(n,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), c, eps, BLOCK=block,
-                                     num_warps=_norm_warps(block))
+        y, rstd, _ = _norm_fwd(x2, None, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         x2, weight, rstd = ctx.saved_tensors
-        n, c = x2.shape
-        dy2 = _rows(dy)
-        dx = torch.empty_like(x2)
-        programs = max(1, min(n, 4 * _num_sms(x2.device)))
-        dw_part = torch.empty((programs, c), dtype=torch.float32, device=x2.device)
-        block = triton.next_power_of_2(c)
-        tk.rms_norm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0),
-                                            dx.stride(0), n, c, BLOCK=block, num_warps=_norm_warps(block))
-        dw = dw_part.sum(0).to(weight.dtype)
+        dx, dw = _norm_bwd(_rows(dy), x2, weight, rstd)
         return dx.view(dy.shape), dw, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _RMSNorm.apply(x, weight, eps)
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, delta, weight, eps):  # type: ignore[override]
+        y, rstd, s = _norm_fwd(_rows(x), _rows(delta), weight, eps)
+        ctx.save_for_backward(s, weight, rstd)
+        return s.view(x.shape), y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, ds, dy):  # type: ignore[override]
+        s2, weight, rstd = ctx.saved_tensors
+        dx, dw = _norm_bwd(_rows(dy), s2, weight, rstd, _rows(ds))
+        dx = dx.view(ds.shape)
+        return dx, dx, dw, None  # d(x + delta)/dx = d/d delta = identity
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _AddRMSNorm.apply(x, delta, weight, eps)
 
 
 _SWIGLU_BLOCK = 1024

@@ -17,13 +17,21 @@ import triton.language as tl
 
 
 @triton.jit
-def rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, C, eps, BLOCK: tl.constexpr):
+def rms_norm_fwd_kernel(X, DELTA, S, W, Y, RSTD, stride_x, stride_d, stride_s, stride_y, C, eps,
+                        BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr):
     """One row per program: y = w * cast(x * rstd). The cast to x's dtype before the weight
-    multiply is Hugging Face's order, so bf16 results round where the reference rounds."""
+    multiply is Hugging Face's order, so bf16 results round where the reference rounds.
+    With ``HAS_DELTA`` the row is first x + delta (the residual add), rounded to x's dtype and
+    stored to S: the sum is written once and never read back for the norm."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < C
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_DELTA:
+        x = (x.to(tl.float32) + tl.load(DELTA + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(S.dtype.element_ty)
+        tl.store(S + row * stride_s + cols, x, mask=mask)
+    x = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)
     xhat = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
@@ -32,10 +40,11 @@ def rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, C, eps, BLOCK: tl.con
 
 
 @triton.jit
-def rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, N, C,
-                        BLOCK: tl.constexpr):
+def rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, DS, stride_dy, stride_x, stride_dx, stride_ds, N, C,
+                        BLOCK: tl.constexpr, HAS_DS: tl.constexpr):
     """Rows pid, pid + G, pid + 2G ... per program (G programs): dx per row, and this program's
-    partial sum of dw (summed over programs by the caller, in fp32)."""
+    partial sum of dw (summed over programs by the caller, in fp32). With ``HAS_DS`` the gradient
+    arriving along the residual stream is added to dx here instead of in a separate pass."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
@@ -51,6 +60,8 @@ def rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride
         dw += dy * xhat.to(X.dtype.element_ty).to(tl.float32)
         g = dy * w
         dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / C))
+        if HAS_DS:
+            dx += tl.load(DS + r * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
     tl.store(DW_PART + pid * C + cols, dw, mask=mask)
 

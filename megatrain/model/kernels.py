@@ -77,6 +77,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm_reference(x, weight, eps)
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta)): the residual add fused with the next norm. Fused, the sum is
+    written once and not re-read, and backward adds the residual stream's gradient inside the norm's
+    backward pass (the reference spends a separate full pass on each add)."""
+    if _use_fused(x) and x.shape[-1] <= 65536 and x.dtype == delta.dtype:
+        from megatrain.kernels import ops
+
+        return ops.add_rms_norm(x, delta, weight, eps)
+    s = x + delta
+    return s, rms_norm(s, weight, eps)
+
+
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of q (B, T, H, D) and k (B, T, K, D) (see :func:`apply_rope_reference`)."""

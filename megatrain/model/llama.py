@@ -161,8 +161,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, ctx)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + F.dropout(self.attn(self.attn_norm(x)), self.dropout, self.training)
-        return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
+        a = F.dropout(self.attn(self.attn_norm(x)), self.dropout, self.training)
+        x, h = kernels.add_rms_norm(x, a, self.mlp_norm.weight, self.mlp_norm.eps)  # x + a, and its norm
+        return x + F.dropout(self.mlp(h), self.dropout, self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         if self.checkpoint == "full" and self.training and torch.is_grad_enabled():

@@ -180,6 +180,9 @@ _INTERPRETED = textwrap.dedent("""
              (ops.swiglu, K.swiglu_reference, (torch.randn(2, 5, 80),), ()),
              (ops.apply_rope, K.apply_rope_reference, (q, k), (cos, sin)),
              (ops.split_qkv_rope, split_ref, (qkv5,), (cos5, sin5)),
+             (lambda a, b, w: ops.add_rms_norm(a, b, w, 1e-5),
+              lambda a, b, w: (a + b, K.rms_norm_reference(a + b, w, 1e-5)),
+              (torch.randn(2, 5, 96), torch.randn(2, 5, 96), 1 + torch.randn(96) / 10), ()),
              (lambda a, b: linear_cross_entropy(a, b, y, chunk_tokens=16, ops=triton_ops()),
               lambda a, b: fused_linear_cross_entropy(a, b, y, chunk_tokens=16), (h, w), ())]
     worst = max(rel(a, b) for fast, ref, ins, extra in cases

@@ -146,7 +146,7 @@ class TrainConfig:
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (bf16/fp16 keep fp32 masters)")
     seed: int = _f(1234, "seeds weights, data order and dropout")
     resume: str = _f("auto", "auto (newest complete checkpoint, else fresh) | never | PATH")
-    resume_allow_changes: list = _f([], "what may differ from the checkpoint: data, tokenizer, model, schedule")
+    resume_allow_changes: list = _f([], "what may differ from the checkpoint: data, tokenizer, model, schedule, topology (a new TP/PP/DP without portable optimizer state: weights only)")
     deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible resume, slower)")
     nonfinite: str = _f("skip", "NaN/Inf loss or grad norm: skip (drop the update) | abort")
     max_nonfinite_in_a_row: int = _f(10, "skip policy: abort after this many non-finite steps in a row")
@@ -190,6 +190,7 @@ class CheckpointConfig:
     keep_every: int = _f(0, "additionally keep every checkpoint whose step is a multiple of this (0 = off)")
     verify: str = _f("sizes", "check the manifest at load: off | sizes | full (SHA-256 of every file)")
     save_at_end: bool = _f(True, "save when training finishes")
+    portable_optimizer: bool = _f(True, "also save the AdamW state under canonical names (optim/): exact resume at another TP/PP/DP size or ZeRO stage; about as large as DeepSpeed's optimizer files")
 
 
 @dataclass

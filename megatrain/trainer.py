@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain import checkpoint as ckpt
+from megatrain import resilience as res
 from megatrain.config import Config
 from megatrain.engine import Built, lr_at
 from megatrain.metrics import MetricsSink, device_peak_tflops, format_step_line, peak_memory_gib
@@ -40,6 +41,8 @@ class Trainer:
         self._batches: Optional[Iterator] = None
         self.history: list[dict] = []  # every logged record, for callers and tests
         self.exit_code = 0
+        # Skip / abort / stop decisions taken by all ranks together at every optimizer step.
+        self.guard = res.StepGuard(self.engine, cfg.train, built.plan.grad_accum, built.is_pipeline, device)
 
     # ------------------------------------------------------------------ data
 
@@ -72,6 +75,7 @@ class Trainer:
         for _ in range(self.built.plan.grad_accum):
             tokens, labels = next(self._batches)
             loss = eng(tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+            self.guard.observe_loss(loss)
             eng.backward(loss)
             eng.step()
             total += loss.detach().float()
@@ -94,17 +98,45 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> int:
+        """Resume, run to train.max_steps, save. Returns 0, REQUEUE_EXIT_CODE (stopped by a signal or
+        train.max_wall_time, after saving) or resilience.ABORT_EXIT_CODE (diverged, nothing saved)."""
+        t = self.cfg.train
+        res.apply_determinism(t.deterministic)
+        self.guard.install()
+        try:
+            with res.Watchdog(self.cfg.distributed.timeout_s, self.st.rank) as wd, res.StopSignals() as signals:
+                self.guard.signals = signals
+                if t.max_wall_time:
+                    self.guard.wall_deadline = time.time() + t.max_wall_time
+                with wd.phase("resume from a checkpoint", factor=3):
+                    self.step, self.consumed_samples = ckpt.resume(self)
+                return self._loop(wd, signals)
+        finally:
+            self.guard.remove()
+            self.metrics.close()
+
+    def _loop(self, wd: res.Watchdog, signals: res.StopSignals) -> int:
         cfg, t = self.cfg, self.cfg.train
-        self.step, self.consumed_samples = ckpt.resume(self)
         self._batches = self._train_batches()
         tokens_per_step = self.built.plan.global_batch * t.seq_len
         log.info("training from step %d to %d (%d samples consumed)", self.step, t.max_steps, self.consumed_samples)
         start = last = time.time()
         loss_acc, n_acc, steps_at_start = None, 0, self.step
         while self.step < t.max_steps:
-            loss = self.train_step()
+            began = time.time()
+            # The first step after a (re)start also builds kernels and caches: give it more time.
+            with wd.phase(f"train step {self.step + 1}", factor=3 if self.step == steps_at_start else 1):
+                loss = self.train_step()
+            self.guard.slowest_step_s = max(self.guard.slowest_step_s, time.time() - began)
+            out = self.guard.last
             self.step += 1
             self.consumed_samples += self.built.plan.global_batch
+            if out.abort_reason:
+                log.error("step %d: stopping the run: %s. Nothing was saved after the last checkpoint; resume from "
+                          "it with a lower learning rate or other data", self.step, out.abort_reason)
+                return res.ABORT_EXIT_CODE
+            if not out.applied:
+                log.warning("step %d: update skipped on every rank: %s", self.step, out.skip_reason)
             loss_acc = loss if loss_acc is None else loss_acc + loss
             n_acc += 1
             if self.step % cfg.logging.interval == 0 or self.step == t.max_steps:
@@ -113,19 +145,36 @@ class Trainer:
                                now - start, (now - start) / (self.step - steps_at_start) * (t.max_steps - self.step))
                 loss_acc, n_acc, last = None, 0, time.time()
             if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < t.max_steps:
-                self.evaluate()
+                with wd.phase(f"evaluation at step {self.step}"):
+                    self.evaluate()
             if cfg.eval.sample_interval and self.step % cfg.eval.sample_interval == 0 and self.step < t.max_steps:
-                self.sample()
-            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < t.max_steps:
-                ckpt.save(self)
-        self.evaluate()
-        self.sample()
+                with wd.phase(f"text samples at step {self.step}"):
+                    self.sample()
+            saved = cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < t.max_steps
+            if saved:
+                self._save(wd)
+            if out.stop_reason and self.step < t.max_steps:
+                if signals.received:
+                    log.warning("rank %d received %s", self.st.rank, signals.received)
+                log.warning("stopping after step %d: %s; saving, then exiting with code %d (requeue)", self.step,
+                            out.stop_reason, REQUEUE_EXIT_CODE)
+                if not saved:
+                    self._save(wd)
+                return REQUEUE_EXIT_CODE
+        with wd.phase("final evaluation"):
+            self.evaluate()
+            self.sample()
         if cfg.checkpoint.save_at_end:
-            ckpt.save(self)
-        self.metrics.close()
+            self._save(wd)
         log.info("done: %d steps, %s tokens in %.0f s", self.step,
                  f"{self.consumed_samples * t.seq_len:,}", time.time() - start)
         return 0
+
+    def _save(self, wd: res.Watchdog) -> None:
+        began = time.time()
+        with wd.phase(f"checkpoint save at step {self.step}"):
+            ckpt.save(self)
+        self.guard.slowest_save_s = max(self.guard.slowest_save_s, time.time() - began)
 
     def _log_step(self, loss: float, tok_s: float, elapsed: float, eta: float) -> None:
         tflops = self.flops_per_token * tok_s / 1e12 / self.st.world_size
@@ -134,6 +183,8 @@ class Trainer:
                "grad_norm": self._grad_norm(), "tokens": self.consumed_samples * self.cfg.train.seq_len,
                "tokens_per_s": tok_s, "tflops": tflops, "mfu": tflops / self.peak if self.peak else None,
                "mem_gib": peak_memory_gib()}
+        if self.guard.counters.skipped:
+            rec["skipped"] = self.guard.counters.skipped
         log.info(format_step_line(rec, self.cfg.train.max_steps, elapsed, eta))
         self.metrics.write(rec)
         self.history.append(rec)

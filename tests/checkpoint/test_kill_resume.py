@@ -1,0 +1,84 @@
+"""kill -9 of a whole run at random steps, or during a save, then auto-resume: the rest of the loss curve
+and the final weights are bitwise those of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import time
+from pathlib import Path
+
+from megatrain import ckpt_layout as layout
+from tests.checkpoint.conftest import (STEPS, assert_bitwise_equal, checkpoint_tensors, loss_records, run_args,
+                                       run_to_end, wait_for_step)
+
+
+def _assert_same_curve(run: Path, reference: dict) -> None:
+    recs = loss_records(run)
+    assert {s for s, _ in recs} == set(range(1, STEPS + 1))
+    wrong = [(s, x, reference["losses"][s]) for s, x in recs if x != reference["losses"][s]]
+    assert not wrong, f"losses differ from the uninterrupted run (step, got, expected): {wrong[:5]}"
+
+
+def _resumed_step(log_text: str) -> int | None:
+    found = re.findall(r"resumed from \S+step_(\d+): step", log_text)
+    return int(found[-1]) if found else None
+
+
+def test_three_n_saves_keep_n(reference):
+    # The reference saved at every one of its 10 steps with checkpoint.keep_last=3.
+    left = layout.list_checkpoints(reference["dir"] / "checkpoints")
+    assert [p.name for p in left] == [layout.tag_for_step(s) for s in (STEPS - 2, STEPS - 1, STEPS)]
+    assert (reference["dir"] / "checkpoints" / "latest").read_text().strip() == layout.tag_for_step(STEPS)
+
+
+def test_kill9_at_random_steps_then_auto_resume(zygote, pattern_dataset, tmp_path, reference):
+    seed = int(os.environ.get("MEGATRAIN_KILL_SEED", time.time_ns() % 10**6))
+    rng = random.Random(seed)
+    kills = sorted(rng.sample(range(1, STEPS - 2), 5))  # >= 2 steps left for the wall-time stop
+    run, log = tmp_path / "run", tmp_path / "log"
+    args = run_args(pattern_dataset, run)
+    for k in kills:  # five trials, one after the other on the same run directory
+        before = len(loss_records(run))
+        pid = zygote.start(args, log=log)
+        wait_for_step(run, k, before, zygote, [pid])
+        time.sleep(rng.uniform(0, 0.15))  # land anywhere: mid-step, mid-save, between
+        os.kill(pid, signal.SIGKILL)
+        assert zygote.wait(pid, 60) == -signal.SIGKILL, f"seed {seed}: the run was not killed at step {k}"
+    # One more interruption, by the wall-time budget: it saves and asks to be requeued.
+    rc = run_to_end(zygote, args + ["train.max_wall_time=0.05"], log)
+    assert rc == [75], f"seed {seed}: max_wall_time did not stop the run with the requeue code"
+    assert "max_wall_time" in log.read_text()
+    rc = run_to_end(zygote, args, log)
+    assert rc == [0], log.read_text()[-3000:]
+    assert _resumed_step(log.read_text()) is not None
+    _assert_same_curve(run, reference)
+    assert_bitwise_equal(checkpoint_tensors(run / "checkpoints" / layout.tag_for_step(STEPS)), reference["final"])
+
+
+# A crash at each of these points of a save: before the checkpoint is published (the previous one must be
+# loaded) or after (this one).
+CRASHES = [("ds", False), ("optim", False), ("hashed", False), ("manifest", False), ("complete", False),
+           ("renamed", True), ("latest", True)]
+
+
+def test_kill9_during_save_loads_newest_complete(zygote, pattern_dataset, tmp_path, reference):
+    run, log = tmp_path / "run", tmp_path / "log"
+    args = run_args(pattern_dataset, run)
+    for i, (phase, published) in enumerate(CRASHES):
+        step = i + 2
+        rc = run_to_end(zygote, args, log, env_extra={"MEGATRAIN_TEST_CRASH_AT": f"{phase}@{step}"})
+        assert rc == [-signal.SIGKILL], f"crash at {phase}@{step} did not happen: {log.read_text()[-2000:]}"
+        newest = layout.list_checkpoints(run / "checkpoints")[-1]
+        assert newest.name == layout.tag_for_step(step if published else step - 1), phase
+        assert not any(p.name.startswith("step_") and not layout.is_complete(p)
+                       for p in (run / "checkpoints").iterdir())
+    rc = run_to_end(zygote, args, log)
+    assert rc == [0], log.read_text()[-3000:]
+    starts = [int(s) for s in re.findall(r"resumed from \S+step_(\d+): step", log.read_text())]
+    assert starts == [step - (0 if published else 1) for step, (_, published) in enumerate(CRASHES, start=2)]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")], "leftover temporaries"
+    _assert_same_curve(run, reference)
+    assert_bitwise_equal(checkpoint_tensors(run / "checkpoints" / layout.tag_for_step(STEPS)), reference["final"])

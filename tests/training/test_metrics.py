@@ -1,0 +1,36 @@
+"""metrics.jsonl, wandb in offline mode, the console line and the plot tool."""
+
+import json
+import subprocess
+import sys
+
+from megatrain.metrics import MetricsSink, format_step_line
+
+
+def test_step_line_has_every_field():
+    rec = {"step": 512, "loss": 7.0701, "ppl": 1176.2, "lr": 1.5e-4, "grad_norm": 0.255, "tokens": 16.8e6,
+           "tokens_per_s": 142851, "tflops": 312.0, "mfu": 0.315, "mem_gib": 23.1}
+    line = format_step_line(rec, 10000, 58, 3720)
+    assert line == ("step 512/10000 (5.1%) | loss 7.0701 | ppl 1176.2 | lr 1.50e-04 | grad_norm 0.255 | "
+                    "tokens 16.8M | 142,851 tok/s | 312.0 TFLOP/s | MFU 31.5% | mem 23.1 GiB | 58s elapsed | eta 1h02m")
+
+
+def test_wandb_offline_without_api_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    sink = MetricsSink(tmp_path, True, "megatrain-test", "t", {"a": 1})
+    assert sink.wandb is not None and sink.wandb.settings.mode == "offline"
+    sink.write({"step": 1, "loss": 2.0})
+    sink.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 2.0
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_plot_metrics_tool(tmp_path):
+    lines = [{"step": s, "loss": 5.0 - s / 10, "lr": 1e-3, "tokens_per_s": 100.0} for s in range(1, 11)]
+    lines.append({"step": 10, "eval_loss": 4.2, "eval_ppl": 66.7})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    out = subprocess.run([sys.executable, "tools/plot_metrics.py", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "metrics.png").stat().st_size > 10_000
+    assert "10 logged steps" in out.stdout

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--to hf: largest safetensors file before the weights are split (e.g. 5GB, 500MB)")
     p.add_argument("--tokenizer", help="sentencepiece .model to ship (default: found with the checkpoint)")
     p.add_argument("--no-tokenizer", action="store_true", help="--to hf / megatrain: write no tokenizer")
+    p.add_argument("--allow-padded-vocab", action="store_true",
+                   help="accept a tokenizer with fewer pieces than the embedding has rows (padded vocabulary)")
     p.add_argument("--name", default=None, help="--to gguf: general.name (default: the output file's stem)")
     p.add_argument("--verify", dest="verify", action="store_true", default=True,
                    help="compare logits and greedy continuations of source and output (default)")
@@ -121,7 +123,7 @@ def resolve_tokenizer(args: argparse.Namespace, src: Source) -> tuple[Optional[P
         raise ConversionError(f"{src.path}: no tokenizer found (looked for tokenizer.model in the checkpoint and "
                               f"the recorded data.tokenizer); pass --tokenizer PATH, or --no-tokenizer for "
                               f"weights only")
-    return src.tokenizer, load_tokenizer(src.tokenizer, src.model)
+    return src.tokenizer, load_tokenizer(src.tokenizer, src.model, args.allow_padded_vocab)
 
 
 def _tmp_path(out: Path) -> Path:

@@ -198,8 +198,14 @@ def sentencepiece_vocab(tok_path: Path) -> tuple[list[bytes], list[float], list[
     return pieces, scores, types, flags
 
 
-def add_vocab(writer: Any, tok_path: Path, tok: Any) -> None:
+def add_vocab(writer: Any, tok_path: Path, tok: Any, vocab_size: int) -> None:
+    import gguf
+
     pieces, scores, types, flags = sentencepiece_vocab(tok_path)
+    for i in range(len(pieces), vocab_size):  # padded embedding rows: placeholders, as llama.cpp's converter does
+        pieces.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(int(gguf.TokenType.UNUSED))
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(pieces)
@@ -251,7 +257,7 @@ def write_gguf(out_file: Path, src: Source, outtype: str, tok_path: Optional[Pat
                               "model was trained with)")
     writer = gguf.GGUFWriter(str(out_file), "llama")
     _add_hparams(writer, src.model, outtype, name)
-    add_vocab(writer, tok_path, tok)
+    add_vocab(writer, tok_path, tok, src.model.vocab_size)
     total = 0
     for tname, t in gguf_tensors(src.model, src.weights).items():
         data, qtype = encode_tensor(t, outtype)

@@ -233,15 +233,20 @@ def _check_hash(path: Path, want: Optional[str], what: str) -> None:
                               f"{want[:12]}...; pass the tokenizer it was trained with (--tokenizer PATH)")
 
 
-def load_tokenizer(path: Path, cfg: ModelConfig) -> Any:
-    """megatrain's Tokenizer for ``path``, checked against the embedding size."""
+def load_tokenizer(path: Path, cfg: ModelConfig, allow_padded_vocab: bool = False) -> Any:
+    """megatrain's Tokenizer for ``path``, checked against the embedding size.
+
+    Training accepts a tokenizer smaller than the embedding (a vocabulary padded for TP); exports do
+    so only when asked, because the extra rows then have no text (GGUF gets ``[PADn]`` pieces)."""
     from megatrain.data.tokenizer import Tokenizer
 
     try:
         tok = Tokenizer(str(path))
     except Exception as e:  # DataFormatError and sentencepiece's own errors
         raise ConversionError(f"{path}: cannot load the tokenizer ({e})") from None
-    if tok.vocab_size != cfg.vocab_size:
-        raise ConversionError(f"tokenizer {path} has {tok.vocab_size} pieces but the model's embedding has "
-                              f"{cfg.vocab_size} rows; pass the tokenizer the model was trained with (--tokenizer)")
+    n, rows = tok.vocab_size, cfg.vocab_size
+    if n > rows or (n < rows and not allow_padded_vocab):
+        hint = " or, if the vocabulary was padded on purpose, --allow-padded-vocab" if n < rows else ""
+        raise ConversionError(f"tokenizer {path} has {n} pieces but the model's embedding has {rows} rows; pass the "
+                              f"tokenizer the model was trained with (--tokenizer PATH){hint}")
     return tok

@@ -518,9 +518,14 @@ def split_for_topology(full_sd: dict[str, torch.Tensor], cfg: Any, tp: int,
     return out
 
 
+_PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def _dtype_name(sd: dict[str, torch.Tensor]) -> str:
-    dtypes = {str(t.dtype).replace("torch.", "") for t in sd.values() if t.is_floating_point()}
-    return dtypes.pop() if len(dtypes) == 1 else ",".join(sorted(dtypes))
+    """The stored weights' dtype in train.precision's words (fp32 | bf16 | fp16)."""
+    names = {_PRECISION_NAMES.get(t.dtype, str(t.dtype).replace("torch.", "")) for t in sd.values()
+             if t.is_floating_point()}
+    return names.pop() if len(names) == 1 else ",".join(sorted(names))
 
 
 def build_weights_only_meta(config: dict, full_sd: dict[str, torch.Tensor], tp: int, pp: int,

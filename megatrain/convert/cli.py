@@ -87,6 +87,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConversionError(f"--tp {args.tp} --pp {args.pp}: sizes must be >= 1")
     if args.to == "gguf" and args.dtype != "auto":
         raise ConversionError("--dtype applies to hf / megatrain outputs; GGUF takes --outtype")
+    if args.to == "gguf" and Path(args.output).is_dir():
+        raise ConversionError(f"{args.output}: is a directory; --to gguf writes one file, e.g. "
+                              f"{Path(args.output) / 'model-f16.gguf'}")
     if args.verify and (args.verify_prompts < 1 or args.verify_tokens < 1):
         raise ConversionError("--verify-prompts and --verify-tokens must be >= 1 (or pass --no-verify)")
 

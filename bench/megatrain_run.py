@@ -71,6 +71,8 @@ def build(a: argparse.Namespace, cfg):
     st = ParallelState.build(1, 1)
     built = build_engine(cfg, st, torch.device("cuda", 0))
     _rope_tables_on_cpu(built.module)
+    if a.ckpt == "selective":
+        _selective_blocks(built.module)
     if a.compile:
         from megatrain.kernels.compile import apply_compile
 
@@ -91,6 +93,16 @@ def _patch_ds_config(extra: dict) -> None:
         return ds
 
     eng.build_ds_config = patched
+
+
+def _selective_blocks(module) -> None:
+    """What the proposed Block.forward patch does for activation_checkpointing=selective (the model file
+    is the lead's; docs/perf-notes.md has the patch): run each block under the selective policy."""
+    from megatrain.kernels.checkpointing import selective_checkpoint
+    from megatrain.model.llama import Block
+
+    for blk in (m for m in module.modules() if isinstance(m, Block)):
+        blk.forward = (lambda b: lambda x: selective_checkpoint(b._forward, x))(blk)
 
 
 def _rope_tables_on_cpu(module) -> None:

@@ -122,6 +122,24 @@ def test_model_loss_and_grads_do_not_depend_on_the_kernel_mode(mode):
     assert _rel(l1, l0) <= TOL and all(_rel(a, b) <= TOL for a, b in zip(g1, g0))
 
 
+def test_selective_checkpointing_keeps_loss_and_gradients():
+    from megatrain.kernels.checkpointing import selective_checkpoint
+
+    cfg = load_config(None, ["model.preset=debug"]).model
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+    results = []
+    for selective in (False, True):
+        model = build_model(cfg, seed=5, loss_chunk_tokens=16)
+        if selective:
+            for blk in model.blocks:
+                blk.forward = (lambda b: lambda x: selective_checkpoint(b._forward, x))(blk)
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l0, g0), (l1, g1) = results
+    assert _rel(l1, l0) <= TOL and all(_rel(a, b) <= TOL for a, b in zip(g1, g0))
+
+
 def test_expanded_kv_attention_equals_grouped_query():
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, h, 9, 8, generator=g) for h in (4, 2, 2))

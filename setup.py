@@ -7,7 +7,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatrain", "megatrain.*"]),
+    packages=find_packages(include=["megatrain", "megatrain.*"]) + ["megatrain_tools"],
+    # tools/ stays a folder of scripts (python tools/X.py) and installs as megatrain_tools for the console scripts
+    package_dir={"megatrain_tools": "tools"},
     install_requires=[
         "torch>=2.10",
         "deepspeed",
@@ -24,6 +26,12 @@ setup(
     entry_points={
         "console_scripts": [
             "megatrain-train=megatrain.train:main",
+            "megatrain-preprocess=megatrain_tools.preprocess_data:main",
+            "megatrain-train-tokenizer=megatrain_tools.train_tokenizer:main",
+            "megatrain-merge-datasets=megatrain_tools.merge_datasets:main",
+            "megatrain-inspect-data=megatrain_tools.inspect_data:main",
+            "megatrain-plot=megatrain_tools.plot_metrics:main",
+            "megatrain-convert=megatrain.convert.cli:main",
         ]
     },
 )

@@ -51,7 +51,8 @@ class Trainer:
 
         return build_micro_batches(self.datasets["train"], micro_batch_size=self.built.plan.micro_batch,
                                    global_batch_size=self.built.plan.global_batch, dp_rank=self.st.dp_rank,
-                                   dp_size=self.st.dp_size, consumed_samples=self.consumed_samples)
+                                   dp_size=self.st.dp_size, consumed_samples=self.consumed_samples,
+                                   num_workers=self.cfg.data.num_workers)
 
     def _eval_batches(self) -> Optional[Iterator]:
         from megatrain.data.loader import build_micro_batches

@@ -1,0 +1,193 @@
+"""Several GPUs over NCCL: loss-curve agreement across layouts, resume across GPU counts, scaling.
+
+One command on a 4-GPU machine (see docs/benchmarks.md for the exact call):
+
+    python bench/multi_gpu.py --out $OUT [--only curves,resume,scaling] [--steps 50]
+
+Every run is ``torchrun --nproc_per_node N -m megatrain.train ...`` on a synthetic, learnable
+dataset written first (no network on the device). Results: one JSON file and a printed table.
+On a CPU machine, ``--cpu-smoke`` runs the same plan with the debug preset over gloo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# ~350M parameters: hidden 1024, 24 layers, 16 heads / 8 KV heads, FFN 2816, vocab 32000.
+MODEL_350M = ["model.hidden_size=1024", "model.num_layers=24", "model.num_heads=16", "model.num_kv_heads=8",
+              "model.ffn_hidden_size=2816", "model.vocab_size=32000", "model.max_seq_len=2048"]
+DEBUG = ["model.preset=debug"]
+
+# (name, GPUs, overrides): global batch 16 x seq 1024 in every layout
+LAYOUTS = [
+    ("1gpu", 1, ["train.micro_batch_size=4"]),
+    ("dp4_zero1", 4, ["train.micro_batch_size=4", "deepspeed.zero_stage=1"]),
+    ("dp4_zero2", 4, ["train.micro_batch_size=4", "deepspeed.zero_stage=2"]),
+    ("dp4_zero3", 4, ["train.micro_batch_size=4", "deepspeed.zero_stage=3"]),
+    ("tp2_dp2", 4, ["train.micro_batch_size=4", "parallel.tensor=2"]),
+    ("pp2_dp2", 4, ["train.micro_batch_size=4", "parallel.pipeline=2"]),
+    ("tp2_pp2", 4, ["train.micro_batch_size=4", "parallel.tensor=2", "parallel.pipeline=2"]),
+]
+
+
+def write_dataset(prefix: str, vocab: int, tokens: int, seed: int = 0) -> None:
+    """Documents that count upward from a random start with a random stride: learnable, not trivial."""
+    from megatrain.data.indexed import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    written = 0
+    with IndexedDatasetBuilder(prefix, vocab) as b:
+        while written < tokens:
+            n = int(rng.integers(200, 3000))
+            start, stride = int(rng.integers(0, vocab)), int(rng.integers(1, 7))
+            b.add_sequence((start + stride * np.arange(n)) % vocab)
+            b.end_document()
+            written += n
+        b.finalize(eod_id=0)
+
+
+def torchrun(n: int, overrides: list[str], log: Path, env: dict, timeout: int = 600) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_port",
+           str(29500 + (hash(str(log)) % 1000)), "-m", "megatrain.train", *overrides]
+    t0 = time.time()
+    with open(log, "w") as f:
+        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    return {"exit": p.returncode, "wall_s": round(time.time() - t0, 1), "cmd": " ".join(cmd[1:])}
+
+
+def losses(run_dir: Path) -> list[float]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r] if path.is_file() else []
+
+
+def max_rel(a: list[float], b: list[float]) -> float:
+    if not a or len(a) != len(b):
+        return float("inf")
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+def base(args, data: str, run: Path, steps: int) -> list[str]:
+    model = DEBUG if args.cpu_smoke else MODEL_350M
+    return model + [f"data.path={data}", "data.split=100,0,0", f"run.dir={run}", f"train.max_steps={steps}",
+                    f"train.seq_len={128 if args.cpu_smoke else 1024}", "train.global_batch_size=16",
+                    "train.resume=never", "logging.interval=1", "eval.steps=0", "eval.sample_tokens=0",
+                    "checkpoint.save_at_end=false", "optimizer.lr=6e-4", "schedule.warmup_steps=10",
+                    f"train.precision={'fp32' if args.cpu_smoke else 'bf16'}"]
+
+
+def run_curves(args, data: str, out: Path, env: dict) -> dict:
+    res = {}
+    for name, n, extra in LAYOUTS:
+        gpus = min(n, args.max_gpus)
+        if gpus < n:
+            continue
+        run = out / "runs" / name
+        res[name] = torchrun(gpus, base(args, data, run, args.steps) + extra, out / f"{name}.log", env)
+        res[name]["losses"] = losses(run)
+    ref = res["1gpu"]["losses"]
+    for name in res:
+        res[name]["max_rel_diff_vs_1gpu"] = max_rel(res[name]["losses"], ref)
+    return res
+
+
+def run_resume(args, data: str, out: Path, env: dict) -> dict:
+    """Save at DP=4 ZeRO-3 mid-run; resume on 2 GPUs and on 1 GPU; compare with the uninterrupted curve."""
+    half = args.steps // 2
+    full = out / "runs" / "resume_src"
+    common = ["train.micro_batch_size=4", "deepspeed.zero_stage=3"]
+    res = {"src": torchrun(4, base(args, data, full, args.steps) + common +
+                           [f"checkpoint.interval={half}", "checkpoint.keep_last=0"], out / "resume_src.log", env)}
+    ref = losses(full)
+    src_ckpt = full / "checkpoints" / f"step_{half:08d}"
+    for n in (2, 1):
+        run = out / "runs" / f"resume_{n}gpu"
+        r = torchrun(n, base(args, data, run, args.steps) + common +
+                     [f"train.resume={src_ckpt}"], out / f"resume_{n}.log", env)
+        got = losses(run)
+        r["losses"] = got
+        r["max_rel_diff_vs_uninterrupted"] = max_rel(got, ref[half:]) if got else float("inf")
+        res[f"{n}gpu"] = r
+    res["uninterrupted_tail"] = ref[half:]
+    return res
+
+
+def run_scaling(args, data: str, out: Path, env: dict) -> dict:
+    res = {}
+    for n in (1, 2, 4):
+        run = out / "runs" / f"scale_{n}"
+        over = ["model.preset=tinyllama-1.1b", f"data.path={data}", "data.split=100,0,0", f"run.dir={run}",
+                "train.max_steps=14", "train.seq_len=2048", "train.micro_batch_size=8",
+                f"train.global_batch_size={8 * n}", "train.resume=never", "logging.interval=2", "eval.steps=0",
+                "eval.sample_tokens=0", "checkpoint.save_at_end=false", "deepspeed.zero_stage=1",
+                "train.precision=bf16"] + [f"train.{kv}" for kv in args.mt_train]
+        if args.cpu_smoke:
+            over = base(args, data, run, 6) + ["train.micro_batch_size=2", f"train.global_batch_size={2 * n}"]
+        r = torchrun(n, over, out / f"scale_{n}.log", env)
+        recs = records(run)[2:]  # drop the warm-up intervals
+        r["tokens_per_s"] = float(np.median([x["tokens_per_s"] for x in recs])) if recs else None
+        r["tokens_per_s_per_gpu"] = r["tokens_per_s"] / n if r["tokens_per_s"] else None
+        r["mfu"] = float(np.median([x["mfu"] for x in recs])) if recs and recs[0].get("mfu") else None
+        res[n] = r
+    one = res[1]["tokens_per_s_per_gpu"]
+    for n in res:
+        if one and res[n]["tokens_per_s_per_gpu"]:
+            res[n]["scaling_efficiency"] = res[n]["tokens_per_s_per_gpu"] / one
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "multi_gpu_out")))
+    p.add_argument("--only", default="curves,resume,scaling")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--max-gpus", type=int, default=4)
+    p.add_argument("--cpu-smoke", action="store_true", help="debug preset over gloo on CPU")
+    p.add_argument("--mt-train", nargs="*", default=[], help="extra train.* overrides for the scaling runs")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    data = str(args.out / "data" / "synthetic")
+    write_dataset(data, 512 if args.cpu_smoke else 32000, 2_000_000 if args.cpu_smoke else 40_000_000)
+    result = {"date": time.strftime("%Y-%m-%d"), "device": _device()}
+    for part, fn in (("curves", run_curves), ("resume", run_resume), ("scaling", run_scaling)):
+        if part in args.only.split(","):
+            t0 = time.time()
+            result[part] = fn(args, data, args.out, env)
+            result[part + "_wall_s"] = round(time.time() - t0, 1)
+            (args.out / "multi_gpu.json").write_text(json.dumps(result, indent=1))
+            print(part, json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "losses"} if isinstance(v, dict)
+                                     else v for k, v in result[part].items()}, indent=1), flush=True)
+    return 0
+
+
+def _device() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+    except Exception:  # noqa: BLE001
+        pass
+    return "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -155,7 +155,10 @@ def run_scaling(args, data: str, out: Path, env: dict) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "multi_gpu_out")))
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "multi_gpu_out")),
+                   help="where multi_gpu.json and logs.txt go")
+    p.add_argument("--work", type=Path, default=Path("/tmp/megatrain_multi_gpu"),
+                   help="scratch: dataset, run directories, per-run logs")
     p.add_argument("--only", default="curves,resume,scaling")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--max-gpus", type=int, default=4)
@@ -163,19 +166,29 @@ def main() -> int:
     p.add_argument("--mt-train", nargs="*", default=[], help="extra train.* overrides for the scaling runs")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    data = str(args.out / "data" / "synthetic")
+    data = str(args.work / "data" / "synthetic")
     write_dataset(data, 512 if args.cpu_smoke else 32000, 2_000_000 if args.cpu_smoke else 40_000_000)
     result = {"date": time.strftime("%Y-%m-%d"), "device": _device()}
     for part, fn in (("curves", run_curves), ("resume", run_resume), ("scaling", run_scaling)):
         if part in args.only.split(","):
             t0 = time.time()
-            result[part] = fn(args, data, args.out, env)
+            result[part] = fn(args, data, args.work, env)
             result[part + "_wall_s"] = round(time.time() - t0, 1)
             (args.out / "multi_gpu.json").write_text(json.dumps(result, indent=1))
             print(part, json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "losses"} if isinstance(v, dict)
                                      else v for k, v in result[part].items()}, indent=1), flush=True)
+            _digest_logs(args.work, args.out / "logs.txt")
     return 0
+
+
+def _digest_logs(work: Path, dest: Path) -> None:
+    """The last lines of every run's log in one file (the device returns only a few files)."""
+    with open(dest, "w") as out:
+        for log in sorted(work.glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()
+            out.write(f"===== {log.name} ({len(lines)} lines)\n" + "\n".join(lines[-15:]) + "\n")
 
 
 def _device() -> str:

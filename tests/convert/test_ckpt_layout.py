@@ -155,3 +155,22 @@ def test_meta_and_shard_headers_are_checked(tmp_path):
         layout.read_meta(tmp_path / "c")
     with pytest.raises(layout.CheckpointError, match="no meta.json"):
         layout.read_meta(tmp_path)
+
+
+def test_replicated_copies_must_agree(tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    make_checkpoint(tmp_path / "c", debug_config(), tp=2)
+    path = layout.shard_path(tmp_path / "c", 1, 0)
+    sd = load_file(str(path))
+    base = sd["norm.weight"].clone()
+    for delta, ok in ((1e-7, True), (0.5, False)):
+        sd["norm.weight"] = base + delta  # replicated on every TP rank
+        save_file(sd, str(path), metadata={"tp_rank": "1", "pp_rank": "0", "tp": "2", "pp": "1"})
+        if ok:
+            with caplog.at_level(logging.WARNING, logger="megatrain.ckpt_layout"):
+                _, full = layout.load_canonical_weights(tmp_path / "c", verify="off")
+            assert torch.equal(full["norm.weight"], base) and "replicated copies differ" in caplog.text
+        else:
+            with pytest.raises(layout.CheckpointError, match="norm.weight: replicated tensor differs"):
+                layout.load_canonical_weights(tmp_path / "c", verify="off")

@@ -143,6 +143,14 @@ def test_failed_verification_writes_nothing(tmp_path, tokenizer_path, monkeypatc
     assert "verification failed" in err and "nothing was written" in err and "diverge" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
+    def unreadable(*a):
+        raise OSError("truncated file")
+
+    monkeypatch.setattr(cli, "output_runner", unreadable)
+    assert convert(tmp_path / "ck", tmp_path / "mt", "--to", "megatrain") == 1
+    assert "does not load: OSError: truncated file" in _err(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
 
 def test_bad_arguments(tmp_path, capsys):
     make_checkpoint(tmp_path / "ck", debug_config())

@@ -267,8 +267,8 @@ class StepGuard:
         out = StepOutcome(loss=mean)
         c = self.counters
         if bad_loss or bad_grad:
-            what = " and ".join(w for w, n in (("loss", bad_loss), ("gradients", bad_grad)) if n)
-            out.skip_reason = f"non-finite {what} on {max(bad_loss, bad_grad)} rank(s)"
+            out.skip_reason = "non-finite " + " and ".join(f"{w} on {n} rank(s)" for w, n in
+                                                           (("loss", bad_loss), ("gradients", bad_grad)) if n)
             c.nonfinite += 1
         elif mean is not None and self.spikes.is_spike(mean):
             out.skip_reason = (f"loss spike: {mean:.4f} is {self.spikes.score(mean):.1f} std above the mean of the "

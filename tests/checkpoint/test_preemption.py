@@ -1,0 +1,68 @@
+"""Two ranks: SIGTERM to one of them saves the same step on both and exits with the requeue code, and the
+resumed job continues exactly; a stopped (hung) rank ends its peer with a message naming the phase."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+from megatrain import ckpt_layout as layout
+from megatrain.resilience import HANG_EXIT_CODE
+from megatrain.trainer import REQUEUE_EXIT_CODE
+from tests.checkpoint.conftest import (assert_bitwise_equal, checkpoint_tensors, loss_records, run_args, run_to_end,
+                                       start_ranks, wait_for_step)
+
+STEPS = 8
+
+
+def _args(data: str, run: Path, *extra: str) -> list[str]:
+    # DP=2; a checkpoint only every 3 steps, so the one the preemption writes is its own.
+    return run_args(data, run, "checkpoint.interval=3", *extra, steps=STEPS)
+
+
+def test_sigterm_to_one_rank_saves_same_step_everywhere_and_resumes_exactly(zygote, pattern_dataset, tmp_path):
+    ref = tmp_path / "ref"
+    assert run_to_end(zygote, _args(pattern_dataset, ref), tmp_path / "ref.log", world=2) == [0, 0]
+    run, log = tmp_path / "run", tmp_path / "log"
+    pids = start_ranks(zygote, _args(pattern_dataset, run), log, world=2)
+    wait_for_step(run, 4, 0, zygote, pids)
+    os.kill(pids[1], signal.SIGTERM)
+    codes = [zygote.wait(p, 120) for p in pids]
+    assert codes == [REQUEUE_EXIT_CODE] * 2, Path(f"{log}.rank0").read_text()[-3000:]
+    stopped = [re.findall(r"stopping after step (\d+)", Path(f"{log}.rank{r}").read_text()) for r in (0, 1)]
+    assert stopped[0] and stopped[0] == stopped[1], "the ranks did not stop at the same step"
+    step = int(stopped[0][0])
+    assert "rank 1 received SIGTERM" in Path(f"{log}.rank1").read_text()
+    ckpt = run / "checkpoints" / layout.tag_for_step(step)
+    assert layout.is_complete(ckpt) and layout.list_checkpoints(run / "checkpoints")[-1] == ckpt
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank00000.pt", "rank00001.pt"]
+    assert step < STEPS and step % 3, "the preemption checkpoint should be its own, not a scheduled one"
+
+    assert run_to_end(zygote, _args(pattern_dataset, run), log, world=2) == [0, 0]
+    assert f"resumed from {ckpt}" in Path(f"{log}.rank0").read_text()
+    expected = dict(loss_records(ref))
+    assert all(x == expected[s] for s, x in loss_records(run)), (loss_records(run), expected)
+    final = layout.tag_for_step(STEPS)
+    assert_bitwise_equal(checkpoint_tensors(run / "checkpoints" / final), checkpoint_tensors(ref / "checkpoints" / final))
+
+
+def test_stuck_rank_ends_the_job_naming_the_phase(zygote, pattern_dataset, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "log"
+    pids = start_ranks(zygote, _args(pattern_dataset, run, "distributed.timeout_s=4", "train.max_steps=1000"),
+                       log, world=2)
+    try:
+        wait_for_step(run, 2, 0, zygote, pids)
+        os.kill(pids[1], signal.SIGSTOP)  # alive but making no progress, like a rank stuck in a driver call
+        code = zygote.wait(pids[0], 90)
+    finally:
+        os.kill(pids[1], signal.SIGKILL)
+    text = Path(f"{log}.rank0").read_text()
+    assert code != 0
+    assert re.search(r"(during|in) (train step \d+|checkpoint save at step \d+)", text), text[-3000:]
+    assert "distributed.timeout_s=4" in text
+    if code == HANG_EXIT_CODE:
+        assert "no progress" in text
+    else:
+        assert "a collective failed during" in text

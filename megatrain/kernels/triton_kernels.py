@@ -130,27 +130,26 @@ def rope_kernel(X, COS, SIN, Y, T, NH, stride_xb, stride_xt, stride_xh, stride_y
 def ce_stats_kernel(Z, LABELS, MAX, SUMEXP, TARGET, stride_z, V, vocab_start, ignore_index,
                     BLOCK: tl.constexpr):
     """Per row of local logits: max, sum(exp(z - max)) (online, one pass) and the target logit
-    (0 where the label is ignored or lives on another TP rank's slice of the vocabulary)."""
+    (0 where the label is ignored or lives on another TP rank's slice of the vocabulary).
+    The running max is a scalar per row, so each logit costs one exp (a per-lane running max
+    would rescale every lane at every block: twice the exps, and this pass is exp-bound)."""
     row = tl.program_id(0).to(tl.int64)
     base = Z + row * stride_z
     cols = tl.arange(0, BLOCK)
-    m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    # fp32 scalars (loop-carried values keep one type); the first block always holds a real logit
+    m = tl.max(tl.full((BLOCK,), float("-inf"), tl.float32), axis=0)
+    acc = tl.sum(tl.zeros((BLOCK,), tl.float32), axis=0)
     for start in range(0, V, BLOCK):
         z = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, z)
-        # lanes still at -inf (nothing seen yet) contribute 0; guard the -inf - -inf NaN
-        scale = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
-        acc = acc * scale + tl.where(m_new == float("-inf"), 0.0, tl.exp(z - m_new))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
-    row_max = tl.max(m, axis=0)
-    row_sum = tl.sum(acc * tl.exp(m - row_max), axis=0)
     label = tl.load(LABELS + row).to(tl.int64)
     local = label - vocab_start
     inside = (label != ignore_index) & (local >= 0) & (local < V)
     target = tl.load(base + tl.where(inside, local, 0)).to(tl.float32)
-    tl.store(MAX + row, row_max)
-    tl.store(SUMEXP + row, row_sum)
+    tl.store(MAX + row, m)
+    tl.store(SUMEXP + row, acc)
     tl.store(TARGET + row, tl.where(inside, target, 0.0))
 
 

@@ -68,7 +68,7 @@ class LaunchInfo:
 
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size} (local {self.local_rank}/{self.local_world_size}) "
-                f"on {self.hostname}, master {self.master_addr}:{self.master_port}, "
+                f"on {self.hostname}, master {self.master_addr}:{self.master_port or '<free port>'}, "
                 f"found by {self.method}" + (f": {self.source}" if self.source else ""))
 
 

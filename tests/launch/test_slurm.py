@@ -1,0 +1,113 @@
+"""slurm/ scripts against a real one-node Slurm cluster (.ci/setup_services.sh starts it)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.launch.conftest import (PROBE, REPO, assert_same_losses, clean_env, debug_train_args, excerpt, run,
+                                   train_losses, wait_for)
+
+TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
+CPU_JOB = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=15"]
+
+
+def job_env(log_dir: Path, **extra: str) -> dict:
+    return clean_env(MEGATRAIN_LOG_DIR=str(log_dir), MEGATRAIN_PYTHON=sys.executable, **extra)
+
+
+def job_log(tmp_path: Path) -> str:
+    logs = sorted(tmp_path.glob("job-*.out"))
+    assert len(logs) == 1, f"expected one job log in {tmp_path}, found {logs}"
+    return logs[0].read_text()
+
+
+def describe_failure(tmp_path: Path, logs: Path) -> str:
+    parts = [f"--- {p.name}\n{excerpt(p.read_text(), 3000)}" for p in sorted(tmp_path.glob("job-*.out"))]
+    parts += [f"--- {p.name}\n{excerpt(p.read_text(), 3000)}" for p in sorted(logs.glob("*.log"))]
+    return "\n".join(parts)
+
+
+def test_scripts_parse_and_agree_on_the_requeue_code():
+    from megatrain.trainer import REQUEUE_EXIT_CODE
+
+    for script in sorted((REPO / "slurm").glob("*.s*")):
+        subprocess.run(["bash", "-n", script], check=True)
+    assert f"REQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE} " in TRAIN_SBATCH.read_text()
+
+
+def test_sbatch_trains_two_cpu_tasks(tmp_path, slurm, torchrun_reference):
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    res = run(["sbatch", "--wait", *CPU_JOB, f"--output={tmp_path}/job-%j.out", TRAIN_SBATCH,
+               *debug_train_args(run_dir)], timeout=400, env=job_env(logs))
+    assert res.returncode == 0, res.stdout + describe_failure(tmp_path, logs)
+    text = job_log(tmp_path)
+    assert "on 1 node(s)" in text and "launcher srun" in text and "training finished" in text
+    rank0 = (logs / "rank-0.log").read_text()
+    assert "found by slurm: srun step" in rank0
+    assert "preflight ok: 2 rank(s) on 1 host(s)" in rank0 and "done: 4 steps" in rank0
+    assert (logs / "rank-1.log").is_file()
+    assert_same_losses(train_losses(run_dir), torchrun_reference, "sbatch (srun) vs torchrun")
+    assert (run_dir / "checkpoints").is_dir()
+
+
+def test_sbatch_failure_is_reported_with_the_exit_code(tmp_path, slurm):
+    logs = tmp_path / "logs"
+    res = run(["sbatch", "--wait", *CPU_JOB, f"--output={tmp_path}/job-%j.out", TRAIN_SBATCH,
+               "model.preset=debug", "train.no_such_key=1", f"run.dir={tmp_path}/run"], timeout=300, env=job_env(logs))
+    assert res.returncode == 2, res.stdout + describe_failure(tmp_path, logs)
+    text = job_log(tmp_path)
+    assert "training failed with exit code 2" in text and "train.no_such_key: unknown key" in text
+
+
+def test_srun_with_inconsistent_world_size_fails_fast(tmp_path, slurm):
+    res = run(["srun", "--ntasks=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=5", "--kill-on-bad-exit=1",
+               "--export=ALL,WORLD_SIZE=4", sys.executable, PROBE, "--out", tmp_path], timeout=180)
+    assert res.returncode != 0
+    assert "WORLD_SIZE=4 disagrees with Slurm's SLURM_NTASKS=2" in res.stdout, excerpt(res.stdout)
+    assert "unset WORLD_SIZE" in res.stdout
+
+
+def _job_state(job_id: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def test_preempted_job_saves_requeues_and_resumes(tmp_path, slurm):
+    """SIGUSR1 (what --signal sends before the time limit) -> checkpoint + exit 75 -> requeue -> resume."""
+    from megatrain.trainer import REQUEUE_EXIT_CODE
+
+    steps = 40
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    proc = subprocess.Popen(["sbatch", "--wait", "--parsable", *CPU_JOB, f"--output={tmp_path}/job-%j.out",
+                             TRAIN_SBATCH, *debug_train_args(run_dir, steps)], cwd=REPO, env=job_env(logs),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        job_id = proc.stdout.readline().strip().split(";")[0]
+        assert job_id.isdigit(), job_id
+        metrics = run_dir / "metrics.jsonl"
+        wait_for(lambda: metrics.is_file() and '"step": 2,' in metrics.read_text(), 300, "step 2 of the first run")
+        subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+        wait_for(lambda: (s := _job_state(job_id)).get("Restarts") == "1" and s.get("JobState") == "PENDING",
+                 120, f"job {job_id} to be requeued (does the trainer save and exit {REQUEUE_EXIT_CODE} on SIGUSR1?)")
+        # Slurm holds a requeued job for about two minutes (BeginTime); the test need not wait.
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", job_id], check=False)
+    assert proc.returncode == 0, out + describe_failure(tmp_path, logs)
+    text = job_log(tmp_path)
+    assert f"asked to be requeued (exit {REQUEUE_EXIT_CODE}); requeueing job {job_id}" in text
+    assert "(restart 1)" in text and "training finished" in text
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(1, steps + 1)), "the resumed run must continue, not restart"
+    rank0 = (logs / "rank-0.log").read_text()  # both runs append to it
+    saved = re.findall(r"saved checkpoint (\S+step_(\d+))", rank0)
+    assert len(saved) == 2 and 2 <= int(saved[0][1]) < steps and int(saved[1][1]) == steps, saved
+    assert f"resumed from {saved[0][0]}: step {int(saved[0][1])}" in rank0

@@ -56,10 +56,6 @@ _COMM_FAILURE_WORDS = ("timed out", "timeout", "connection closed", "connection 
                        "nccl error", "peer", "socket", "closed by remote")
 
 
-class TrainingAborted(RuntimeError):
-    """The run stopped because of non-finite or spiking losses; the message says which steps and why."""
-
-
 class DistributedError(RuntimeError):
     """A collective failed or timed out; the message names the phase and the rank."""
 

@@ -109,7 +109,7 @@ class Trainer:
                 self.guard.signals = signals
                 if t.max_wall_time:
                     self.guard.wall_deadline = time.time() + t.max_wall_time
-                with wd.phase("resume from a checkpoint", factor=3):
+                with wd.phase("resume from a checkpoint", factor=6):
                     self.step, self.consumed_samples = ckpt.resume(self)
                 return self._loop(wd, signals)
         finally:
@@ -146,10 +146,10 @@ class Trainer:
                                now - start, (now - start) / (self.step - steps_at_start) * (t.max_steps - self.step))
                 loss_acc, n_acc, last = None, 0, time.time()
             if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < t.max_steps:
-                with wd.phase(f"evaluation at step {self.step}"):
+                with wd.phase(f"evaluation at step {self.step}", factor=3):
                     self.evaluate()
             if cfg.eval.sample_interval and self.step % cfg.eval.sample_interval == 0 and self.step < t.max_steps:
-                with wd.phase(f"text samples at step {self.step}"):
+                with wd.phase(f"text samples at step {self.step}", factor=3):
                     self.sample()
             saved = cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < t.max_steps
             if saved:
@@ -162,7 +162,7 @@ class Trainer:
                 if not saved:
                     self._save(wd)
                 return REQUEUE_EXIT_CODE
-        with wd.phase("final evaluation"):
+        with wd.phase("final evaluation", factor=3):
             self.evaluate()
             self.sample()
         if cfg.checkpoint.save_at_end:
@@ -173,7 +173,7 @@ class Trainer:
 
     def _save(self, wd: res.Watchdog) -> None:
         began = time.time()
-        with wd.phase(f"checkpoint save at step {self.step}"):
+        with wd.phase(f"checkpoint save at step {self.step}", factor=6):  # large checkpoints take long
             ckpt.save(self)
         self.guard.slowest_save_s = max(self.guard.slowest_save_s, time.time() - began)
 

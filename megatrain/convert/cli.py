@@ -1,4 +1,4 @@
-"""``megatrain-convert``: megatrain <-> Hugging Face, megatrain -> GGUF, offline resharding, with verification.
+"""megatrain-convert: megatrain <-> Hugging Face, megatrain -> GGUF, offline resharding, with verification.
 
     megatrain-convert RUN_DIR/checkpoints/step_00001000 out/hf --to hf --dtype bf16
     megatrain-convert path/to/hf-llama out/ckpt --to megatrain --tp 2 --pp 2
@@ -35,8 +35,9 @@ TARGETS = ("hf", "megatrain", "gguf")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megatrain-convert", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    head, rest = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(prog="megatrain-convert", description=head, epilog=rest,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="megatrain checkpoint (step dir, checkpoints dir or run dir) or HF Llama directory")
     p.add_argument("output", help="output directory (hf, megatrain) or .gguf file (gguf)")
     p.add_argument("--to", required=True, choices=TARGETS, help="output format")
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO
     args = build_parser().parse_args(argv)
     try:
         return convert(args)

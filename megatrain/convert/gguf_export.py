@@ -144,8 +144,6 @@ def decode_tensor(data: np.ndarray, qtype: Any, shape: tuple[int, ...]) -> torch
 
 def round_like_gguf(t: torch.Tensor, outtype: str) -> torch.Tensor:
     """What ``t`` reads back as after :func:`encode_tensor` (the reference for verification)."""
-    import gguf
-
     a, qtype = encode_tensor(t, outtype)
     if qtype is None:
         return torch.from_numpy(a.astype(np.float32)).reshape(t.shape)

@@ -57,6 +57,27 @@ def make_checkpoint(path: Path, cfg: Config, *, seed: int = 1, tp: int = 1, pp: 
     return sd
 
 
+def make_hf_llama(path: Path, tokenizer: Path, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+                  **config: object) -> Path:
+    """A genuine transformers checkpoint (save_pretrained) with the debug preset's shapes unless
+    ``config`` overrides them; every tensor perturbed so that a mix-up of two tensors shows."""
+    import shutil
+
+    import transformers
+
+    hc = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+          "tie_word_embeddings": False, **config}
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hc)).to(dtype)
+    with torch.no_grad():  # HF initialises norms to exactly 1
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(str(path))
+    shutil.copyfile(tokenizer, path / "tokenizer.model")
+    return path
+
+
 def model_from(cfg: Config, sd: dict[str, torch.Tensor]):
     m = build_model(cfg.model).eval()
     m.load_state_dict(sd)

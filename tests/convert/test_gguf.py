@@ -99,7 +99,8 @@ def test_permuted_qk_under_interleaved_rope_give_hf_attention_scores():
     attention scores HF's rotate-half RoPE yields on the original rows (GQA: 4 query heads, 2 KV heads)."""
     g = torch.Generator().manual_seed(0)
     heads, kv, d, c, t = 4, 2, 16, 64, 7
-    wq, wk, x = torch.randn(heads * d, c, generator=g), torch.randn(kv * d, c, generator=g), torch.randn(t, c, generator=g)
+    wq, wk = torch.randn(heads * d, c, generator=g), torch.randn(kv * d, c, generator=g)
+    x = torch.randn(t, c, generator=g)
     ang = torch.arange(t)[:, None, None] * (10000.0 ** (-torch.arange(0, d, 2) / d))[None, None]  # (T, 1, D/2)
 
     def scores(q_w, k_w, rope):
@@ -115,7 +116,8 @@ def test_permuted_qk_under_interleaved_rope_give_hf_attention_scores():
 
 @pytest.mark.parametrize("outtype,qtype", [("q8_0", "Q8_0"), ("bf16", "BF16"), ("f16", "F16")])
 def test_reduced_types(tmp_path, tokenizer_path, outtype, qtype):
-    cfg = debug_config("model.rope_scaling={factor: 8.0, original_max_position_embeddings: 32}", "model.tie_embeddings=true")
+    cfg = debug_config("model.rope_scaling={factor: 8.0, original_max_position_embeddings: 32}",
+                       "model.tie_embeddings=true")
     sd = make_checkpoint(tmp_path / "ck", cfg, tokenizer=tokenizer_path)
     assert convert(tmp_path / "ck", tmp_path / "m.gguf", "--to", "gguf", "--outtype", outtype) == 0
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
@@ -123,7 +125,7 @@ def test_reduced_types(tmp_path, tokenizer_path, outtype, qtype):
     assert "output.weight" not in types  # tied: llama.cpp reads token_embd for the output
     assert types["rope_freqs.weight"] == "F32" and types["blk.0.attn_norm.weight"] == "F32"
     assert types["token_embd.weight"] == qtype and types["blk.1.ffn_down.weight"] == qtype
-    fields, tensors = read_gguf(tmp_path / "m.gguf")
+    _, tensors = read_gguf(tmp_path / "m.gguf")
     factors = tensors["rope_freqs.weight"]
     assert factors.shape == (8,) and factors[0] == 1.0 and factors[-1] == pytest.approx(8.0)
     emb = sd["embed.embed.weight"]

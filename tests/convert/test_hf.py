@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from megatrain import ckpt_layout as layout
-from tests.convert.conftest import assert_hf_export_matches, convert, debug_config, make_checkpoint
+from tests.convert.conftest import assert_hf_export_matches, convert, debug_config, make_checkpoint, make_hf_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -68,28 +68,13 @@ def test_sharded_bf16_export_with_index(tmp_path, tokenizer_path):
     assert emb.dtype == torch.bfloat16 and torch.equal(emb, sd["embed.embed.weight"].to(torch.bfloat16))
 
 
-def _hf_source(path, tied: bool, dtype: torch.dtype, tokenizer_path):
-    """A genuine transformers checkpoint: GQA, Llama-3 RoPE scaling, non-default eps and theta."""
-    import shutil
-
-    hc = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=tied,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(hc).to(dtype)
-    with torch.no_grad():  # HF initialises norms to 1; make every tensor distinct so a mix-up shows
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(str(path))
-    shutil.copyfile(tokenizer_path, path / "tokenizer.model")
-    return path
-
-
 @pytest.mark.parametrize("tied,dtype", [(False, torch.float32), (True, torch.bfloat16)])
 def test_round_trip_hf_megatrain_tp2_hf_is_bitwise(tmp_path, tokenizer_path, tied, dtype):
-    src = _hf_source(tmp_path / "src", tied, dtype, tokenizer_path)
+    # GQA, Llama-3 RoPE scaling, non-default eps and theta
+    src = make_hf_llama(tmp_path / "src", tokenizer_path, dtype=dtype, tie_word_embeddings=tied, rms_norm_eps=1e-6,
+                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 32})
     assert convert(src, tmp_path / "mt", "--to", "megatrain", "--tp", "2") == 0
     meta = layout.read_meta(tmp_path / "mt")
     assert meta["weights_only"] and meta["step"] == 0 and meta["topology"]["tp"] == 2

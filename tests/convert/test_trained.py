@@ -11,7 +11,7 @@ import torch
 from megatrain import ckpt_layout as layout
 from megatrain.config import Config
 from megatrain.testing import run_distributed
-from tests.convert.conftest import assert_hf_export_matches, convert
+from tests.convert.conftest import assert_hf_export_matches, convert, make_hf_llama
 
 pytest.importorskip("transformers")
 
@@ -22,30 +22,46 @@ LAYOUTS = {
 }
 
 
-def _train(data: str, run_dir: str, tokenizer: str, extra: list[str]) -> int:
+def _train(data: str, tokenizer: str, runs: list[tuple[str, list[str]]]) -> list[int]:
+    """Train each (run_dir, overrides) in turn in this process group; the steps each reached."""
     import torch.distributed as dist
 
     from megatrain.config import load_config
     from megatrain.parallel.state import ParallelState
     from megatrain.train import train_with
 
-    cfg = load_config(None, [
-        "model.preset=debug", f"data.path={data}", "data.split=100,0,0", f"data.tokenizer={tokenizer}",
-        f"run.dir={run_dir}", f"train.max_steps={STEPS}", "train.seq_len=32", "train.global_batch_size=4",
-        "train.precision=fp32", "train.resume=never", "logging.interval=1", "eval.steps=0", "eval.sample_tokens=0",
-        "optimizer.lr=3e-3", "schedule.warmup_steps=1", *extra])
-    st = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
-    tr = train_with(cfg, st, torch.device("cpu"))
-    dist.barrier()
-    return tr.step
+    steps = []
+    for run_dir, extra in runs:
+        cfg = load_config(None, [
+            "model.preset=debug", f"data.path={data}", "data.split=100,0,0", f"data.tokenizer={tokenizer}",
+            f"run.dir={run_dir}", f"train.max_steps={STEPS}", "train.seq_len=32", "train.global_batch_size=4",
+            "train.precision=fp32", "train.resume=never", "logging.interval=1", "eval.steps=0",
+            "eval.sample_tokens=0", "optimizer.lr=3e-3", "schedule.warmup_steps=1", *extra])
+        st = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
+        steps.append(train_with(cfg, st, torch.device("cpu")).step)
+        dist.barrier()
+    return steps
+
+
+# An Adam step moves a weight by at most lr; 1e-30 is far below the spacing of fp32 numbers around these
+# weights, so what the resumed run saves after one step is exactly what it loaded.
+RESUME = ["train.micro_batch_size=2", "parallel.tensor=2", "train.max_steps=1", "optimizer.lr=1e-30",
+          "optimizer.min_lr=1e-30"]
 
 
 @pytest.fixture(scope="module")
 def trained(pattern_dataset, tokenizer_path, tmp_path_factory) -> Path:
+    """Runs: tp2pp2 and zero3 (trained), and "resumed": one step at TP=2 from an HF Llama converted to a
+    megatrain checkpoint (made before the ranks start, resumed in the same processes as zero3)."""
     root = tmp_path_factory.mktemp("trained")
-    for name, (world, extra) in LAYOUTS.items():
-        steps = run_distributed(_train, world, pattern_dataset, str(root / name), str(tokenizer_path), extra)
-        assert steps == [STEPS] * world
+    make_hf_llama(root / "hf_src", tokenizer_path)
+    assert convert(root / "hf_src", root / "from_hf", "--to", "megatrain", "--tp", "2") == 0
+    world, extra = LAYOUTS["tp2pp2"]
+    assert run_distributed(_train, world, pattern_dataset, str(tokenizer_path), [(str(root / "tp2pp2"), extra)]) \
+        == [[STEPS]] * world
+    world, extra = LAYOUTS["zero3"]
+    runs = [(str(root / "zero3"), extra), (str(root / "resumed"), RESUME + [f"train.resume={root / 'from_hf'}"])]
+    assert run_distributed(_train, world, pattern_dataset, str(tokenizer_path), runs) == [[STEPS, 1]] * world
     return root
 
 
@@ -63,19 +79,9 @@ def test_hf_export_of_a_trained_checkpoint(trained, tokenizer_path, tmp_path, na
     assert_hf_export_matches(tmp_path / "hf", cfg, weights, tokenizer_path)
 
 
-def _resume(data: str, run_dir: str, tokenizer: str, ckpt: str) -> int:
-    # An Adam step moves a weight by at most lr; 1e-30 is far below the spacing of fp32 numbers around
-    # these weights, so what the run saves after one step is exactly what it loaded.
-    return _train(data, run_dir, tokenizer, ["train.micro_batch_size=2", "parallel.tensor=2", "train.max_steps=1",
-                                             f"train.resume={ckpt}", "optimizer.lr=1e-30", "optimizer.min_lr=1e-30"])
-
-
-def test_training_continues_from_a_converted_hf_checkpoint(trained, pattern_dataset, tokenizer_path, tmp_path):
-    assert convert(trained / "tp2pp2", tmp_path / "hf", "--to", "hf", "--no-verify") == 0
-    assert convert(tmp_path / "hf", tmp_path / "mt", "--to", "megatrain", "--tp", "2") == 0
-    _, converted = layout.load_canonical_weights(tmp_path / "mt")
-    run_distributed(_resume, 2, pattern_dataset, str(tmp_path / "run"), str(tokenizer_path), str(tmp_path / "mt"))
-    saved = layout.find_resume_checkpoint(tmp_path / "run" / "checkpoints")
+def test_training_continues_from_a_converted_hf_checkpoint(trained):
+    _, converted = layout.load_canonical_weights(trained / "from_hf")
+    saved = layout.find_resume_checkpoint(trained / "resumed" / "checkpoints")
     meta, after = layout.load_canonical_weights(saved)
     assert meta["step"] == 1 and meta["topology"]["tp"] == 2
     assert set(after) == set(converted)

@@ -53,6 +53,9 @@ def _sources(data: str, root: str) -> dict:
     from megatrain import checkpoint
 
     out = {name: _train(data, f"{root}/{name}", extra) for name, extra in SOURCES.items()}
+    for name in ("dp2_zero3", "tp2", "pp2"):  # DeepSpeed's own files at the same topology: bitwise
+        out[f"{name}_native"] = _train(data, f"{root}/{name}-native", SOURCES[name] + [
+            f"train.resume={root}/{name}/checkpoints/step_{SAVED:08d}"])
     # The resharding path at the *same* topology must reproduce DeepSpeed's own resume bit for bit.
     checkpoint.same_topology = lambda tr, meta: False
     out["dp2_zero1_portable"] = _train(data, f"{root}/portable", SOURCES["dp2_zero1"] + [
@@ -73,11 +76,13 @@ def curves(pattern_dataset, tmp_path_factory):
     return source, target
 
 
-def test_portable_resume_at_same_topology_is_bitwise(curves):
+@pytest.mark.parametrize("resumed, original", [("dp2_zero1_portable", "dp2_zero1"), ("dp2_zero3_native", "dp2_zero3"),
+                                               ("tp2_native", "tp2"), ("pp2_native", "pp2")])
+def test_resume_at_same_topology_is_bitwise(curves, resumed, original):
     source, _ = curves
-    got = source["dp2_zero1_portable"]
+    got = source[resumed]
     assert sorted(got) == list(range(SAVED + 1, STEPS + 1))
-    assert all(got[s] == source["dp2_zero1"][s] for s in got), (got, source["dp2_zero1"])
+    assert all(got[s] == source[original][s] for s in got), (got, source[original])
 
 
 @pytest.mark.parametrize("name", list(SOURCES))

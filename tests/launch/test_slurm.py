@@ -111,3 +111,43 @@ def test_preempted_job_saves_requeues_and_resumes(tmp_path, slurm):
     saved = re.findall(r"saved checkpoint (\S+step_(\d+))", rank0)
     assert len(saved) == 2 and 2 <= int(saved[0][1]) < steps and int(saved[1][1]) == steps, saved
     assert f"resumed from {saved[0][0]}: step {int(saved[0][1])}" in rank0
+
+
+def _write_jsonl(path: Path, n: int) -> None:
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = "the model reads tokens and the data flows through shards into one merged corpus".split()
+    with path.open("w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 40)))}) + "\n")
+
+
+def test_preprocess_array_job_then_dependent_merge(tmp_path, slurm):
+    """3 array tasks tokenize one shard each; the merge job waits for them; the result equals one run."""
+    from megatrain.data.demo import prepare_demo
+    from tests.launch.conftest import DATA_CACHE
+
+    _, tokenizer = prepare_demo(str(DATA_CACHE / "demo"))
+    corpus = tmp_path / "in.jsonl"
+    _write_jsonl(corpus, 300)
+    tool_args = ["--input", corpus, "--tokenizer-model", tokenizer, "--append-eod"]
+    env = clean_env(MEGATRAIN_PYTHON=sys.executable)
+    res = run([REPO / "slurm" / "submit_preprocess.sh", "--shards", "3", "--output-prefix", tmp_path / "out" / "corpus",
+               "--log-dir", tmp_path / "logs", "--sbatch", "--cpus-per-task=1 --time=5", "--", *tool_args],
+              timeout=60, env=env)
+    assert res.returncode == 0, res.stdout
+    array_id, merge_id = res.stdout.split()[-2:]
+    queued = lambda: subprocess.run(["squeue", "-h", "-j", f"{array_id},{merge_id}"], capture_output=True,
+                                    text=True).stdout.strip()
+    wait_for(lambda: not queued(), 300, f"jobs {array_id} (array) and {merge_id} (merge) to finish")
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted((tmp_path / "logs").glob("*.out")))
+    assert (tmp_path / "out" / "corpus.idx").is_file(), logs
+    assert len(list((tmp_path / "logs").glob("megatrain-preprocess-*.out"))) == 3, logs
+    assert "merge_datasets: 3 datasets" in logs and "300 documents" in logs
+    single = run([sys.executable, REPO / "tools" / "preprocess_data.py", *tool_args, "--output-prefix",
+                  tmp_path / "one" / "corpus", "--no-progress"], timeout=120, env=env)
+    assert single.returncode == 0, single.stdout
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / "out" / f"corpus{ext}").read_bytes() == (tmp_path / "one" / f"corpus{ext}").read_bytes()

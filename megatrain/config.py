@@ -447,6 +447,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _positive(m, "model", ["hidden_size", "num_layers", "num_heads", "vocab_size", "max_seq_len"])
     _positive(p, "parallel", ["tensor", "pipeline"])
     _positive(t, "train", ["max_steps", "seq_len", "micro_batch_size"])
+    if cfg.optimizer.lr <= 0 or cfg.optimizer.min_lr < 0 or cfg.optimizer.min_lr > cfg.optimizer.lr:
+        raise ConfigError(f"optimizer.lr={cfg.optimizer.lr}, optimizer.min_lr={cfg.optimizer.min_lr}: need "
+                          f"0 <= min_lr <= lr and lr > 0")
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     if m.num_kv_heads is not None and (m.num_kv_heads <= 0 or m.num_heads % m.num_kv_heads):

@@ -98,7 +98,9 @@ def model_config_from_hf(hc: dict[str, Any]) -> ModelConfig:
     if hc.get("head_dim") not in (None, hc["hidden_size"] // heads):
         raise ConfigError(f"config.json: head_dim={hc['head_dim']} differs from hidden_size/num_attention_heads; "
                           f"not supported")
-    rs = hc.get("rope_scaling") or None
+    # transformers >= 5 writes rope_parameters (with rope_theta inside); older versions rope_scaling.
+    rp = hc.get("rope_parameters") or {}
+    rs = hc.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
     scaling = None
     if rs is not None:
         kind = rs.get("rope_type", rs.get("type"))
@@ -110,7 +112,7 @@ def model_config_from_hf(hc: dict[str, Any]) -> ModelConfig:
             scaling = RopeScalingConfig(factor=float(rs["factor"]), low_freq_factor=float(rs["low_freq_factor"]),
                                         high_freq_factor=float(rs["high_freq_factor"]),
                                         original_max_position_embeddings=int(rs["original_max_position_embeddings"]))
-    theta = hc.get("rope_theta", (hc.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    theta = hc.get("rope_theta", rp.get("rope_theta", 10000.0))
     return ModelConfig(hidden_size=hc["hidden_size"], num_layers=hc["num_hidden_layers"], num_heads=heads,
                        num_kv_heads=hc.get("num_key_value_heads", heads), ffn_hidden_size=hc["intermediate_size"],
                        vocab_size=hc["vocab_size"], norm_eps=float(hc.get("rms_norm_eps", 1e-5)),

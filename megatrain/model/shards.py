@@ -21,8 +21,7 @@ def partition_dims(cfg: ModelConfig) -> dict[str, Optional[int]]:
     """Canonical name -> the dimension TP splits (None: replicated), read off a model built on 'meta'."""
     from megatrain.model.llama import LlamaModel, Ctx
 
-    with torch.device("meta"):
-        model = LlamaModel(cfg, Ctx(device=torch.device("meta")))
+    model = LlamaModel(cfg, Ctx(device=torch.device("meta")))
     return {n: getattr(p, "partition_dim", None) for n, p in model.named_parameters()}
 
 

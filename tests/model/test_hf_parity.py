@@ -64,3 +64,11 @@ def test_state_dict_round_trip_and_config_round_trip():
     for f in ("hidden_size", "num_layers", "num_heads", "kv_heads", "ffn_size", "vocab_size", "norm_eps",
               "rope_theta", "rope_scaling", "tie_embeddings"):
         assert getattr(cfg2, f) == getattr(cfg, f), f
+
+
+def test_config_written_by_transformers_keeps_rope_scaling():
+    # transformers >= 5 moves rope_theta and the scaling into rope_parameters when it saves a config
+    cfg = load_config(None, ["model.preset=debug", f"model.rope_scaling={SCALING}", "model.rope_theta=500000"]).model
+    saved = transformers.LlamaConfig(**{k: v for k, v in hf_config_dict(cfg).items() if k != "architectures"})
+    back = model_config_from_hf(saved.to_dict())
+    assert back.rope_scaling == cfg.rope_scaling and back.rope_theta == cfg.rope_theta

@@ -205,6 +205,21 @@ _INTERPRETED = textwrap.dedent("""
               lambda a, b: fused_linear_cross_entropy(a, b, y, chunk_tokens=16), (h, w), ())]
     worst = max(rel(a, b) for fast, ref, ins, extra in cases
                 for a, b in zip(run(fast, ins, extra), run(ref, ins, extra)))
+
+    # the CE kernels on two vocabulary shards (vocab_start 0 and 23), combined as _combine_tp does
+    z, lab = torch.randn(9, 46), torch.tensor([0, 5, 22, 23, 30, 45, -100, 11, 40])
+    ce = triton_ops()
+    (m0, s0, t0), (m1, s1, t1) = ce.stats(z[:, :23].contiguous(), lab, 0), ce.stats(z[:, 23:].contiguous(), lab, 23)
+    big = torch.maximum(m0, m1)
+    lse = big + torch.log(s0 * torch.exp(m0 - big) + s1 * torch.exp(m1 - big))
+    keep = lab != -100
+    ref_t = z[torch.arange(9), lab.clamp(min=0)] * keep
+    scale = torch.tensor([0.25])
+    g0, g1 = z[:, :23].contiguous(), z[:, 23:].contiguous()
+    ce.grad_(g0, lab, lse, scale, 0)
+    ce.grad_(g1, lab, lse, scale, 23)
+    ref_g = (torch.softmax(z, -1) - torch.nn.functional.one_hot(lab.clamp(min=0), 46)) * 0.25 * keep[:, None]
+    worst = max(worst, rel(lse, torch.logsumexp(z, -1)), rel(t0 + t1, ref_t), rel(torch.cat([g0, g1], 1), ref_g))
     print("WORST", worst)
 """)
 

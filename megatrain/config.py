@@ -156,7 +156,8 @@ class TrainConfig:
     activation_checkpointing: str = _f("none", "none | full | selective (recompute attention core + MLP activations)")
     fused_kernels: str = _f("auto", "auto (Triton on GPU, PyTorch elsewhere) | triton | torch")
     compile: bool = _f(False, "torch.compile each block")
-    loss_chunk_tokens: int = _f(4096, "tokens per chunk of the fused head + cross-entropy (bounds fp32 logits memory)")
+    loss_chunk_tokens: int = _f(0, "tokens per chunk of the fused head + cross-entropy; 0 sizes chunks to ~256 MiB "
+                                   "of fp32 logits")
 
 
 @dataclass

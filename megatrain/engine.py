@@ -108,6 +108,10 @@ def build_ds_config(cfg: Config, plan: BatchPlan) -> dict:
         "steps_per_print": 1 << 30,  # megatrain prints its own line
         "wall_clock_breakdown": False,
     })
+    if t.precision == "bf16" and cfg.deepspeed.zero_stage == 0:
+        raise ConfigError("train.precision=bf16 with deepspeed.zero_stage=0: DeepSpeed's ZeRO-0 path keeps no fp32 "
+                          "master weights for bf16 (it would accumulate and update in bf16); use "
+                          "deepspeed.zero_stage=1, which is data-parallel Adam with fp32 masters and sharded state")
     if t.precision == "bf16":
         # fp32 gradient accumulation across micro-batches; bf16 sums of many micro-batches lose bits.
         ds["bf16"] = {"enabled": True}
@@ -288,6 +292,9 @@ def build_engine(cfg: Config, st: ParallelState, device: torch.device) -> Built:
     """Model, optimizer, schedule and the DeepSpeed engine (ParallelState as ``mpu`` unless pipelined)."""
     import deepspeed
 
+    from megatrain.model import kernels
+
+    mode = kernels.configure_kernels(cfg.train.fused_kernels)  # before any module exists
     plan = plan_batch(cfg.train, st.dp_size)
     ds_config = build_ds_config(cfg, plan)
     # Wrap the existing process group as DeepSpeed's comm backend; PipelineModule needs it already.
@@ -299,12 +306,17 @@ def build_engine(cfg: Config, st: ParallelState, device: torch.device) -> Built:
         with torch.device(device):
             module = LlamaModel(cfg.model, ctx)
         module.init_weights(cfg.train.seed)
+    if cfg.train.compile:
+        from megatrain.kernels.compile import apply_compile
+
+        apply_compile(module, cfg.train.seq_len)
     optimizer = build_optimizer(module, cfg.optimizer, cfg.deepspeed.offload)
     scheduler = build_scheduler(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         mpu=None if st.pp_size > 1 else st, dist_init_required=False)
-    log.info("DeepSpeed engine: %s, ZeRO-%d, %s, micro-batch %d x accumulation %d x DP %d = %d samples/step",
-             "pipeline" if st.pp_size > 1 else "plain", cfg.deepspeed.zero_stage, cfg.train.precision,
+    log.info("DeepSpeed engine: %s, ZeRO-%d, %s, %s kernels, micro-batch %d x accumulation %d x DP %d = %d "
+             "samples/step", "pipeline" if st.pp_size > 1 else "plain", cfg.deepspeed.zero_stage, cfg.train.precision,
+             mode,
              plan.micro_batch, plan.grad_accum, plan.dp_size, plan.global_batch)
     return Built(engine, module, plan, ds_config, st.pp_size > 1, ctx)

@@ -51,7 +51,8 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """theta^(-2i/D) for i < D/2, with Llama-3.1 frequency-dependent scaling when configured."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    # on the CPU explicitly: models are built under `with torch.device("cuda")`, tables are moved once
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
     s = cfg.rope_scaling
     if s is None:
         return inv_freq.float()
@@ -78,8 +79,8 @@ class Rotary:
     def tables(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (t, str(device))
         if key not in self._cache:
-            pos = torch.arange(t, dtype=torch.float32)
-            freqs = torch.outer(pos, self.inv_freq)  # (T, D/2)
+            pos = torch.arange(t, dtype=torch.float32, device="cpu")
+            freqs = torch.outer(pos, self.inv_freq.cpu())  # (T, D/2)
             emb = torch.cat([freqs, freqs], dim=-1)  # (T, D): "rotate half" layout, as Hugging Face Llama
             self._cache[key] = (emb.cos().to(device), emb.sin().to(device))
         return self._cache[key]
@@ -166,6 +167,10 @@ class Block(nn.Module):
         return x + F.dropout(self.mlp(h), self.dropout, self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        if self.checkpoint == "selective" and self.training and torch.is_grad_enabled():
+            from megatrain.kernels.checkpointing import selective_checkpoint
+
+            return selective_checkpoint(self._forward, x)  # keep GEMM/attention outputs, recompute the rest
         if self.checkpoint == "full" and self.training and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 

@@ -17,12 +17,13 @@ initialises ``torch.distributed`` on that store and runs :func:`preflight`.
 
 from __future__ import annotations
 
+import dataclasses
+import faulthandler
 import json
 import logging
 import os
 import re
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -148,9 +149,10 @@ def expand_tasks_per_node(spec: str) -> list[int]:
 # --------------------------------------------------------------------------- discovery
 
 
-def discover_launch(environ: Mapping[str, str] = os.environ) -> LaunchInfo:
+def discover_launch(environ: Mapping[str, str] = os.environ, timeout_s: float = 600.0) -> LaunchInfo:
     """Find rank, world and master from the launcher's environment; raise LaunchError if inconsistent.
 
+    ``timeout_s`` bounds the wait for the other ranks where discovery talks to them (MPI).
     Order: a launcher's own markers (torchrun, deepspeed) win; then an MPI launch unless it is
     really srun with a PMI plugin; then srun; then plain RANK/WORLD_SIZE; else a single process.
     """
@@ -160,7 +162,7 @@ def discover_launch(environ: Mapping[str, str] = os.environ) -> LaunchInfo:
     if _present(env, *_TORCHRUN_MARKERS, *_DEEPSPEED_MARKERS):
         info = _from_launcher(env, in_srun_step)
     elif mpi_flavour and not (in_srun_step and _mpi_matches_slurm(env, mpi_flavour)):
-        info = _from_mpi(env, mpi_flavour)
+        info = _from_mpi(env, mpi_flavour, timeout_s)
     elif in_srun_step:
         info = _from_slurm(env)
     elif _present(env, "RANK", "WORLD_SIZE"):
@@ -293,6 +295,8 @@ def _single(env: dict) -> LaunchInfo:
 
 # --------------------------------------------------------------------------- MPI
 
+_MPI_FOUND: list[LaunchInfo] = []  # this process's MPI launch, once discovered
+
 
 def _import_mpi(flavour: str) -> Any:
     """mpi4py, imported only now: its wheel needs an MPI library at run time, which many hosts lack."""
@@ -309,7 +313,25 @@ def _import_mpi(flavour: str) -> Any:
     return MPI
 
 
-def _from_mpi(env: dict, flavour: str) -> LaunchInfo:
+def _from_mpi(env: dict, flavour: str, timeout_s: float) -> LaunchInfo:
+    if _MPI_FOUND:  # MPI is finalised after the first discovery; the answer does not change
+        return dataclasses.replace(_MPI_FOUND[0])
+    # MPI_Init and MPI collectives wait for every rank with no timeout of their own (OpenMPI's
+    # MPI_Init is a fence), so a rank that never starts would block the others forever. A C-level
+    # watchdog (it runs even while MPI holds the GIL) prints where we are stuck and exits; a
+    # process that exits non-zero makes mpirun end the job.
+    logger.info("MPI launch (%s): every rank must start MPI within distributed.timeout_s=%gs, or this process "
+                "exits with a traceback (\"Timeout\") and mpirun ends the job", flavour, timeout_s)
+    faulthandler.dump_traceback_later(timeout_s, exit=True)
+    try:
+        info = _mpi_discovery(env, flavour)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    _MPI_FOUND.append(info)
+    return dataclasses.replace(info)
+
+
+def _mpi_discovery(env: dict, flavour: str) -> LaunchInfo:
     MPI = _import_mpi(flavour)
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
@@ -333,8 +355,12 @@ def _from_mpi(env: dict, flavour: str) -> LaunchInfo:
         addr = env.get("MASTER_ADDR", "").strip() or ("127.0.0.1" if len(set(hosts)) == 1 else _routable_address(env))
         master = (addr, _int(env, "MASTER_PORT") or free_port())
     master_addr, master_port = comm.bcast(master, root=0)
-    if world > 1:
-        _abort_job_on_uncaught_exception(comm)
+    # Finalise now, while every rank is here. Left for exit, OpenMPI's MPI_Finalize waits for all
+    # ranks, so a rank that fails later would sit in it while the others wait for that rank in a
+    # torch collective (a hang until the timeout); finalised, its non-zero exit makes mpirun end
+    # the whole job at once.
+    if not MPI.Is_finalized():
+        MPI.Finalize()
     return LaunchInfo(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
                       master_addr=master_addr, master_port=master_port, method="mpi", hostname=hostname,
                       source=f"{flavour} via mpi4py ({_mpi_library(MPI)}), master broadcast by rank 0")
@@ -345,23 +371,6 @@ def _mpi_library(MPI: Any) -> str:
         return MPI.Get_library_version().strip().splitlines()[0].split(",")[0][:60]
     except Exception:  # noqa: BLE001 - only used in messages
         return "unknown MPI"
-
-
-def _abort_job_on_uncaught_exception(comm: Any) -> None:
-    """An uncaught exception on one rank aborts the whole MPI job.
-
-    Otherwise the failing rank sits in MPI_Finalize (a collective in OpenMPI) while the others
-    wait for it in a torch collective: a hang until the collective timeout. mpi4py recommends
-    the same (``python -m mpi4py``).
-    """
-    previous = sys.excepthook
-
-    def hook(exc_type: Any, exc: Any, tb: Any) -> None:
-        previous(exc_type, exc, tb)
-        sys.stderr.flush()
-        comm.Abort(1)
-
-    sys.excepthook = hook
 
 
 def _routable_address(env: Mapping[str, str]) -> str:
@@ -443,7 +452,7 @@ def init_distributed(dist_cfg: Any, device_type: str) -> LaunchInfo:
     """
     import torch.distributed as dist
 
-    info = discover_launch()
+    info = discover_launch(os.environ, float(dist_cfg.timeout_s))
     backend = _pick_backend(dist_cfg.backend, device_type)
     device_index = _pick_device(info, device_type)
     _STATE["hostname"] = info.hostname

@@ -9,9 +9,7 @@ import builtins
 import logging
 import os
 import socket
-import sys
 import time
-import types
 
 import pytest
 
@@ -215,22 +213,39 @@ class FakeComm:
     def bcast(self, value, root=0):
         return value if self.rank == 0 else ("rank0-addr", 5555)
 
-    def Abort(self, code):
-        raise SystemExit(code)
+
+class FakeMPI:
+    def __init__(self, comm):
+        self.COMM_WORLD, self.finalized = comm, False
+
+    def Get_library_version(self):
+        return "Fake MPI 1.0, test"
+
+    def Is_finalized(self):
+        return self.finalized
+
+    def Finalize(self):
+        assert not self.finalized
+        self.finalized = True
 
 
 def _fake_mpi(monkeypatch, comm):
-    mpi = types.SimpleNamespace(COMM_WORLD=comm, Get_library_version=lambda: "Fake MPI 1.0, test")
+    mpi = FakeMPI(comm)
     monkeypatch.setattr(D, "_import_mpi", lambda flavour: mpi)
-    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored after the test
+    monkeypatch.setattr(D, "_MPI_FOUND", [])
+    return mpi
 
 
 def test_mpi_discovery_logic(monkeypatch):
-    _fake_mpi(monkeypatch, FakeComm(1, 2, [HOST, HOST]))
-    info = discover_launch({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
-                            "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+    mpi = _fake_mpi(monkeypatch, FakeComm(1, 2, [HOST, HOST]))
+    env = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    info = discover_launch(env)
     assert (info.method, info.rank, info.local_rank, info.master_addr, info.master_port) == ("mpi", 1, 1,
                                                                                            "rank0-addr", 5555)
+    # MPI is finalised right away (a failing rank then ends the mpirun job at once); asking
+    # again returns the same answer without touching MPI.
+    assert mpi.finalized and discover_launch(env) == info
     _fake_mpi(monkeypatch, FakeComm(0, 3, [HOST, "b", HOST]))  # MPICH-style, no local variables
     info = discover_launch({"PMI_RANK": "0", "PMI_SIZE": "3", "MASTER_PORT": "6000"})
     assert (info.local_rank, info.local_world_size, info.master_port) == (0, 2, 6000)

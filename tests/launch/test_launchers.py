@@ -52,6 +52,17 @@ def test_mpirun_probe_reports_mpi_ranks(tmp_path, mpirun):
     assert ranks[0]["master_port"] == ranks[1]["master_port"] > 0  # chosen by rank 0, broadcast over MPI
 
 
+def test_mpirun_rank_that_never_starts_mpi_ends_the_job(tmp_path, mpirun):
+    """MPI_Init waits for every rank with no timeout; megatrain's watchdog ends the wait."""
+    t0 = time.monotonic()
+    res = run([mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PYTHONPATH", sys.executable,
+               PROBE, "--out", tmp_path, "--timeout", "4", "--sleep-before-init", "1:120"], timeout=100)
+    assert res.returncode != 0
+    assert "every rank must start MPI within distributed.timeout_s=4s" in res.stdout, excerpt(res.stdout)
+    assert "Timeout (0:00:04)!" in res.stdout and "in _import_mpi" in res.stdout
+    assert time.monotonic() - t0 < 40
+
+
 def test_deepspeed_launcher_trains(tmp_path, torchrun_reference):
     run_dir = tmp_path / "run"
     res = run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port(),

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import warnings
@@ -199,6 +200,8 @@ def _finish(tr: "Trainer", root: Path, tmp: Path, final: Path, entries: dict, op
     _crash_point("meta", step)
     layout.atomic_write_json(tmp / layout.MANIFEST, {"files": dict(sorted(entries.items()))})
     _crash_point("manifest", step)
+    for d in sorted({p.parent for p in tmp.rglob("*")}, reverse=True):  # directory entries too, deepest first
+        _fsync_dir(d)
     layout.mark_complete(tmp)
     _crash_point("complete", step)
     layout.replace_dir(tmp, final)
@@ -222,6 +225,16 @@ def _remove_leftovers(root: Path) -> None:
         if p.is_dir() and (p.name.startswith(".tmp-step_") or ".old-" in p.name or ".tmp-" in p.name):
             log.warning("removing %s, left by an interrupted save", p)
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory; the renames stay atomic
+        pass
+    finally:
+        os.close(fd)
 
 
 def _write_rng(path: Path, state: dict) -> None:
@@ -348,11 +361,13 @@ def read_portable_optimizer(path: Path, meta: dict, names: list[str], tp_rank: i
     from safetensors import safe_open
 
     old_tp = int(meta["topology"]["tp"])
-    files = sorted((path / OPTIM_DIR).glob("tp*_pp*.safetensors"))
     where: dict[str, dict[int, Any]] = {}
-    for f in files:
+    for f in sorted((path / OPTIM_DIR).glob("tp*_pp*.safetensors")):
         h = safe_open(str(f), framework="pt")
-        t = int(f.name[2:4])
+        if (h.metadata() or {}).get("tp") != str(old_tp):
+            raise CheckpointError(f"{f}: written for tp={(h.metadata() or {}).get('tp')}, but {layout.META} says "
+                                  f"tp={old_tp}; the directory mixes two checkpoints")
+        t = int(re.match(r"tp(\d+)_pp\d+\.safetensors$", f.name).group(1))
         for k in h.keys():
             where.setdefault(k, {})[t] = h
     dims = {n: d for n, (_, d) in layout.model_layout(layout.model_config_of(meta, path)).items()}
@@ -483,7 +498,7 @@ def _candidates(root: Path) -> list[Path]:
     when ``latest`` disagrees."""
     done = list(reversed(layout.list_checkpoints(root)))
     latest_file = root / layout.LATEST
-    named = latest_file.read_text().strip() if latest_file.is_file() else None
+    named = latest_file.read_text(errors="replace").strip() if latest_file.is_file() else None
     if not done:
         if named or layout.list_checkpoints(root, complete_only=False):
             log.warning("%s: no complete checkpoint (every step_* directory lacks %s: interrupted saves)", root,
@@ -539,8 +554,9 @@ def _select_on_rank0(tr: "Trainer") -> Optional[Path]:
         try:
             found = select_checkpoint(tr.cfg.train.resume, checkpoint_root(tr), tr.cfg.checkpoint.verify)
             result = [("ok", str(found) if found else None)]
-        except (CheckpointError, ConfigError) as e:
-            result = [("error", str(e))]
+        except (CheckpointError, ConfigError, OSError, ValueError) as e:  # the other ranks must hear of it too
+            result = [("error", str(e) if isinstance(e, (CheckpointError, ConfigError)) else
+                       f"train.resume={tr.cfg.train.resume}: {type(e).__name__}: {e}")]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(result, src=0)
     status, value = result[0]
@@ -675,10 +691,9 @@ def _load_rng(path: Path) -> dict:
                               f"it, use another checkpoint") from None
 
 
-def _load_weights(tr: "Trainer", path: Path, params: dict) -> dict[str, torch.Tensor]:
+def _read_weights(tr: "Trainer", path: Path, params: dict) -> dict[str, torch.Tensor]:
+    """This rank's canonical weights, re-cut for its TP rank (one full tensor in memory at a time)."""
     _, weights = layout.load_weights_for_rank(path, tr.st.tp_rank, tr.st.tp_size, names=list(params), verify="off")
-    for name, p in params.items():
-        _assign(tr, p, weights[name])
     return weights
 
 
@@ -687,16 +702,18 @@ def load_portable(tr: "Trainer", path: Path, meta: dict) -> None:
     from megatrain.engine import canonical_named_parameters
 
     params = canonical_named_parameters(tr.engine.module, tr.cfg.model)
-    weights = _load_weights(tr, path, params)
+    weights = _read_weights(tr, path, params)
     opt, step = tr.engine.optimizer, int(meta.get("optimizer_step", 0))
-    saved_fp32 = meta.get("dtype", "fp32") != "fp32"
-    state = read_portable_optimizer(path, meta, list(params), tr.st.tp_rank, tr.st.tp_size, saved_fp32) \
+    saved_masters = meta.get("dtype", "fp32") != "fp32"
+    state = read_portable_optimizer(path, meta, list(params), tr.st.tp_rank, tr.st.tp_size, saved_masters) \
         if step else {}
     if step:
         _materialize_adam_state(opt, step)
         _lazy_state_linked(opt)
     for name, p in params.items():
-        _set_full_state(p, opt, None, state.get(f"{name}/fp32", weights[name]).float())
+        master = state.get(f"{name}/fp32", weights[name]).float()  # the fp32 master when it was saved
+        _assign(tr, p, master)
+        _set_full_state(p, opt, None, master)
         for key in _ADAM_KEYS if step else ():
             _set_full_state(p, opt, key, state[f"{name}/{key}"])
     _set_progress(tr, int(meta["step"]), int(meta["consumed_samples"]), meta)
@@ -735,16 +752,20 @@ def apply_schedule(tr: "Trainer", step: int) -> None:
     _set_progress(tr, step, tr.engine.global_samples, {"resilience": {"skipped": tr.engine.skipped_steps}})
 
 
-def load_weights_only(tr: "Trainer", path: Path, meta: dict, same_topology: bool = False) -> None:
-    """Model weights from the canonical shards (any TP/PP), optimizer and schedule state fresh."""
+def load_weights_only(tr: "Trainer", path: Path, meta: dict) -> None:
+    """Model weights from the canonical shards (any TP/PP); the optimizer state starts fresh, the schedule and
+    counters continue at the checkpoint's step."""
     from megatrain.engine import canonical_named_parameters
 
     if not meta.get("weights_only"):
         log.warning("checkpoint %s: loading its weights only; the optimizer state restarts", path)
     params = canonical_named_parameters(tr.engine.module, tr.cfg.model)
-    weights = _load_weights(tr, path, params)
+    weights = _read_weights(tr, path, params)
     for name, p in params.items():  # DeepSpeed keeps its own fp32 masters: refresh them from the weights
+        _assign(tr, p, weights[name])
         _set_full_state(p, tr.engine.optimizer, None, weights[name].float())
+    _set_progress(tr, int(meta["step"]), int(meta["consumed_samples"]), meta)
+    reseed_rng(tr, int(meta["step"]))
 
 
 def _assign(tr: "Trainer", p: torch.nn.Parameter, src: torch.Tensor) -> None:

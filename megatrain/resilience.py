@@ -40,7 +40,8 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -162,7 +163,6 @@ class _Counters:
     skipped: int = 0
     nonfinite: int = 0
     spikes: int = 0
-    history: list = field(default_factory=list)
 
 
 class StepGuard:
@@ -309,7 +309,9 @@ class StepGuard:
             if not _has_state(self.engine.optimizer):
                 _unlink_lazy_state(self.engine.optimizer)  # a skipped first step must not freeze empty links
         if sched is not None and epoch is not None and sched.last_epoch == epoch:
-            sched.step()  # keep the learning rate a function of the step number
+            with warnings.catch_warnings():  # torch warns when no optimizer step preceded it: intended here
+                warnings.simplefilter("ignore")
+                sched.step()  # keep the learning rate a function of the step number
 
     # ------------------------------------------------------------------ checkpoint state
 

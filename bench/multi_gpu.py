@@ -57,12 +57,21 @@ def write_dataset(prefix: str, vocab: int, tokens: int, seed: int = 0) -> None:
         b.finalize(eod_id=0)
 
 
+DEADLINE = [float("inf")]  # time.time() after which no new run starts (--budget-s)
+
+
 def torchrun(n: int, overrides: list[str], log: Path, env: dict, timeout: int = 600) -> dict:
+    if time.time() > DEADLINE[0]:
+        return {"exit": None, "skipped": "time budget of this command spent"}
+    timeout = int(max(30, min(timeout, DEADLINE[0] + 60 - time.time())))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_port",
            str(29500 + (hash(str(log)) % 1000)), "-m", "megatrain.train", *overrides]
     t0 = time.time()
     with open(log, "w") as f:
-        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+        try:
+            p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"exit": None, "timed_out_s": timeout, "cmd": " ".join(cmd[1:])}
     return {"exit": p.returncode, "wall_s": round(time.time() - t0, 1), "cmd": " ".join(cmd[1:])}
 
 
@@ -102,7 +111,7 @@ def run_curves(args, data: str, out: Path, env: dict) -> dict:
         run = out / "runs" / name
         res[name] = torchrun(gpus, base(args, data, run, args.steps) + extra, out / f"{name}.log", env)
         res[name]["losses"] = losses(run)
-    ref = res["1gpu"]["losses"]
+    ref = res.get("1gpu", {}).get("losses", [])
     for name in res:
         res[name]["max_rel_diff_vs_1gpu"] = max_rel(res[name]["losses"], ref)
     return res
@@ -141,7 +150,7 @@ def run_scaling(args, data: str, out: Path, env: dict) -> dict:
         if args.cpu_smoke:
             over = base(args, data, run, 6) + ["train.micro_batch_size=2", f"train.global_batch_size={2 * n}"]
         r = torchrun(n, over, out / f"scale_{n}.log", env)
-        recs = records(run)[2:]  # drop the warm-up intervals
+        recs = records(run)[2:] if r.get("exit") == 0 else []  # drop the warm-up intervals
         r["tokens_per_s"] = float(np.median([x["tokens_per_s"] for x in recs])) if recs else None
         r["tokens_per_s_per_gpu"] = r["tokens_per_s"] / n if r["tokens_per_s"] else None
         r["mfu"] = float(np.median([x["mfu"] for x in recs])) if recs and recs[0].get("mfu") else None
@@ -163,13 +172,16 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--max-gpus", type=int, default=4)
     p.add_argument("--cpu-smoke", action="store_true", help="debug preset over gloo on CPU")
+    p.add_argument("--budget-s", type=float, default=float("inf"), help="start no run after this many seconds")
+    p.add_argument("--tokens", type=int, default=5_000_000, help="tokens in the synthetic dataset")
     p.add_argument("--mt-train", nargs="*", default=[], help="extra train.* overrides for the scaling runs")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    DEADLINE[0] = time.time() + args.budget_s
     data = str(args.work / "data" / "synthetic")
-    write_dataset(data, 512 if args.cpu_smoke else 32000, 2_000_000 if args.cpu_smoke else 40_000_000)
+    write_dataset(data, 512 if args.cpu_smoke else 32000, args.tokens)
     result = {"date": time.strftime("%Y-%m-%d"), "device": _device()}
     for part, fn in (("curves", run_curves), ("resume", run_resume), ("scaling", run_scaling)):
         if part in args.only.split(","):

@@ -368,7 +368,7 @@ def read_portable_optimizer(path: Path, meta: dict, names: list[str], tp_rank: i
             raise CheckpointError(f"{f}: written for tp={(h.metadata() or {}).get('tp')}, but {layout.META} says "
                                   f"tp={old_tp}; the directory mixes two checkpoints")
         t = int(re.match(r"tp(\d+)_pp\d+\.safetensors$", f.name).group(1))
-        for k in h.keys():
+        for k in h.keys():  # noqa: SIM118 - a safetensors handle, not a dict
             where.setdefault(k, {})[t] = h
     dims = {n: d for n, (_, d) in layout.model_layout(layout.model_config_of(meta, path)).items()}
     out = {}
@@ -775,9 +775,8 @@ def _assign(tr: "Trainer", p: torch.nn.Parameter, src: torch.Tensor) -> None:
     if tr.cfg.deepspeed.zero_stage == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):  # rank 0 of the param's DP group
-            with torch.no_grad():
-                p.data.copy_(src.to(p.device, p.dtype))
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():  # rank 0 of the DP group
+            p.data.copy_(src.to(p.device, p.dtype))
         return
     with torch.no_grad():
         p.copy_(src.to(p.device, p.dtype))

@@ -39,8 +39,8 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
 import warnings
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import logging
@@ -163,7 +164,7 @@ def test_pickle_that_runs_code_is_refused(root, tmp_path, rel):
     _reseal(target, rel)  # even with a manifest that matches
     with pytest.raises(layout.CheckpointError, match=r"refers to builtins\.exec, which is code"):
         _select(str(target), root, "full")
-    with caplog_free():
+    with _quiet():
         assert _select("auto", root, "full") == root / TAGS[-2]
     # The second line of defence, should a file ever get past the scan: every torch.load is weights-only.
     with pytest.raises(layout.CheckpointError, match="not a plain-data RNG state"):
@@ -173,11 +174,13 @@ def test_pickle_that_runs_code_is_refused(root, tmp_path, rel):
     assert not marker.exists(), "the payload ran"
 
 
-class caplog_free:  # noqa: N801 - a tiny context manager that silences the fallback warnings
-    def __enter__(self):
-        logging.getLogger("megatrain").disabled = True
-
-    def __exit__(self, *exc):
+@contextlib.contextmanager
+def _quiet():
+    """Silence megatrain's fallback warnings for a moment."""
+    logging.getLogger("megatrain").disabled = True
+    try:
+        yield
+    finally:
         logging.getLogger("megatrain").disabled = False
 
 

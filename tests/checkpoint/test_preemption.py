@@ -8,6 +8,8 @@ import re
 import signal
 from pathlib import Path
 
+import pytest
+
 from megatrain import ckpt_layout as layout
 from megatrain.resilience import HANG_EXIT_CODE
 from megatrain.trainer import REQUEUE_EXIT_CODE
@@ -22,9 +24,34 @@ def _args(data: str, run: Path, *extra: str) -> list[str]:
     return run_args(data, run, "checkpoint.interval=3", *extra, steps=STEPS)
 
 
-def test_sigterm_to_one_rank_saves_same_step_everywhere_and_resumes_exactly(zygote, pattern_dataset, tmp_path):
-    ref = tmp_path / "ref"
-    assert run_to_end(zygote, _args(pattern_dataset, ref), tmp_path / "ref.log", world=2) == [0, 0]
+@pytest.fixture(scope="module")
+def ref(zygote, pattern_dataset, tmp_path_factory):
+    """An uninterrupted two-rank run."""
+    run = tmp_path_factory.mktemp("ref2")
+    assert run_to_end(zygote, _args(pattern_dataset, run), run / "log", world=2) == [0, 0]
+    return run
+
+
+def _assert_continues_exactly(run: Path, ref: Path) -> None:
+    expected = dict(loss_records(ref))
+    assert all(x == expected[s] for s, x in loss_records(run)), (loss_records(run), expected)
+    final = layout.tag_for_step(STEPS)
+    assert_bitwise_equal(checkpoint_tensors(run / "checkpoints" / final), checkpoint_tensors(ref / "checkpoints" / final))
+
+
+def test_kill9_of_both_ranks_then_auto_resume(zygote, pattern_dataset, tmp_path, ref):
+    run, log = tmp_path / "run", tmp_path / "log"
+    pids = start_ranks(zygote, _args(pattern_dataset, run), log, world=2)
+    wait_for_step(run, 4, 0, zygote, pids)
+    for p in pids:
+        os.kill(p, signal.SIGKILL)
+    assert [zygote.wait(p, 60) for p in pids] == [-signal.SIGKILL] * 2
+    assert run_to_end(zygote, _args(pattern_dataset, run), log, world=2) == [0, 0]
+    assert "resumed from" in Path(f"{log}.rank0").read_text()
+    _assert_continues_exactly(run, ref)
+
+
+def test_sigterm_to_one_rank_saves_same_step_everywhere_and_resumes_exactly(zygote, pattern_dataset, tmp_path, ref):
     run, log = tmp_path / "run", tmp_path / "log"
     pids = start_ranks(zygote, _args(pattern_dataset, run), log, world=2)
     wait_for_step(run, 4, 0, zygote, pids)
@@ -42,15 +69,12 @@ def test_sigterm_to_one_rank_saves_same_step_everywhere_and_resumes_exactly(zygo
 
     assert run_to_end(zygote, _args(pattern_dataset, run), log, world=2) == [0, 0]
     assert f"resumed from {ckpt}" in Path(f"{log}.rank0").read_text()
-    expected = dict(loss_records(ref))
-    assert all(x == expected[s] for s, x in loss_records(run)), (loss_records(run), expected)
-    final = layout.tag_for_step(STEPS)
-    assert_bitwise_equal(checkpoint_tensors(run / "checkpoints" / final), checkpoint_tensors(ref / "checkpoints" / final))
+    _assert_continues_exactly(run, ref)
 
 
 def test_stuck_rank_ends_the_job_naming_the_phase(zygote, pattern_dataset, tmp_path):
     run, log = tmp_path / "run", tmp_path / "log"
-    pids = start_ranks(zygote, _args(pattern_dataset, run, "distributed.timeout_s=4", "train.max_steps=1000"),
+    pids = start_ranks(zygote, _args(pattern_dataset, run, "distributed.timeout_s=6", "train.max_steps=1000"),
                        log, world=2)
     try:
         wait_for_step(run, 2, 0, zygote, pids)
@@ -61,7 +85,7 @@ def test_stuck_rank_ends_the_job_naming_the_phase(zygote, pattern_dataset, tmp_p
     text = Path(f"{log}.rank0").read_text()
     assert code != 0
     assert re.search(r"(during|in) (train step \d+|checkpoint save at step \d+)", text), text[-3000:]
-    assert "distributed.timeout_s=4" in text
+    assert "distributed.timeout_s=6" in text
     if code == HANG_EXIT_CODE:
         assert "no progress" in text
     else:

@@ -194,6 +194,9 @@ class StepGuard:
     # ------------------------------------------------------------------ wiring
 
     def install(self) -> None:
+        if not callable(getattr(self.engine, "_take_model_step", None)):
+            raise RuntimeError(f"this DeepSpeed ({type(self.engine).__name__}) has no _take_model_step(): the step "
+                               f"guard cannot see the optimizer step; megatrain is tested with deepspeed 0.19")
         for p in self.engine.module.parameters():
             if p.requires_grad:
                 self._hooks.append(p.register_hook(self._grad_hook))

@@ -145,15 +145,7 @@ class Trainer:
                 self._log_step(self._dp_mean(loss_acc / n_acc), n_acc * tokens_per_step / (now - last),
                                now - start, (now - start) / (self.step - steps_at_start) * (t.max_steps - self.step))
                 loss_acc, n_acc, last = None, 0, time.time()
-            if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < t.max_steps:
-                with wd.phase(f"evaluation at step {self.step}", factor=3):
-                    self.evaluate()
-            if cfg.eval.sample_interval and self.step % cfg.eval.sample_interval == 0 and self.step < t.max_steps:
-                with wd.phase(f"text samples at step {self.step}", factor=3):
-                    self.sample()
-            saved = cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < t.max_steps
-            if saved:
-                self._save(wd)
+            saved = self._periodic(wd)
             if out.stop_reason and self.step < t.max_steps:
                 if signals.received:
                     log.warning("rank %d received %s", self.st.rank, signals.received)
@@ -170,6 +162,22 @@ class Trainer:
         log.info("done: %d steps, %s tokens in %.0f s", self.step,
                  f"{self.consumed_samples * t.seq_len:,}", time.time() - start)
         return 0
+
+    def _periodic(self, wd: res.Watchdog) -> bool:
+        """Evaluation, samples and the checkpoint due after this step (not the last); returns whether it saved."""
+        cfg, s = self.cfg, self.step
+        if s >= cfg.train.max_steps:
+            return False
+        if cfg.eval.interval and s % cfg.eval.interval == 0:
+            with wd.phase(f"evaluation at step {s}", factor=3):
+                self.evaluate()
+        if cfg.eval.sample_interval and s % cfg.eval.sample_interval == 0:
+            with wd.phase(f"text samples at step {s}", factor=3):
+                self.sample()
+        if cfg.checkpoint.interval and s % cfg.checkpoint.interval == 0:
+            self._save(wd)
+            return True
+        return False
 
     def _save(self, wd: res.Watchdog) -> None:
         began = time.time()

@@ -37,6 +37,7 @@ def test_three_n_saves_keep_n(reference):
 def test_kill9_at_random_steps_then_auto_resume(zygote, pattern_dataset, tmp_path, reference):
     seed = int(os.environ.get("MEGATRAIN_KILL_SEED", time.time_ns() % 10**6))
     rng = random.Random(seed)
+    print(f"MEGATRAIN_KILL_SEED={seed}")  # shown with a failure: replays the same kill steps
     kills = sorted(rng.sample(range(1, STEPS - 2), 5))  # >= 2 steps left for the wall-time stop
     run, log = tmp_path / "run", tmp_path / "log"
     args = run_args(pattern_dataset, run)

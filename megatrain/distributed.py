@@ -566,7 +566,8 @@ def _wait_for_ranks(store: Any, info: LaunchInfo, timeout_s: float) -> None:
             answer = store.get(verdict).decode()
         except Exception as e:  # noqa: BLE001
             raise LaunchError(f"rank {info.rank}: rank 0 did not confirm the rendezvous at {info.master_addr}:"
-                              f"{info.master_port} within {timeout_s:g}s ({_first_line(e)}); see rank 0's log") from None
+                              f"{info.master_port} within {timeout_s:g}s ({_first_line(e)}); see rank 0's log"
+                              ) from None
         if answer != "ok":
             raise LaunchError(answer)
         return

@@ -92,7 +92,8 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 def assert_same_losses(a: dict[int, float], b: dict[int, float], what: str) -> None:
     assert sorted(a) == sorted(b), f"{what}: different steps {sorted(a)} vs {sorted(b)}"
     for step in a:
-        assert math.isclose(a[step], b[step], rel_tol=1e-5, abs_tol=1e-6), f"{what}: step {step}: {a[step]} vs {b[step]}"
+        assert math.isclose(a[step], b[step], rel_tol=1e-5, abs_tol=1e-6), \
+            f"{what}: step {step}: {a[step]} vs {b[step]}"
 
 
 def _slurm_ready() -> bool:

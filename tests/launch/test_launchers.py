@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 from tests.launch.conftest import PROBE, assert_same_losses, debug_train_args, excerpt, free_port, run, train_losses
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
+
+
+def mpirun_cmd(mpirun: str) -> list:
+    # --bind-to none: OpenMPI pins each rank to one core by default, which starves them when the
+    # machine is busy; --oversubscribe: more ranks than cores is fine for these tiny runs.
+    return [mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", "2", "-x", "PYTHONPATH"]
 
 
 def test_rank_that_never_joins_ends_the_job_within_the_timeout(tmp_path):
@@ -34,28 +39,18 @@ def test_rank_that_hangs_after_joining_is_named_by_preflight(tmp_path):
 
 def test_mpirun_trains_and_matches_torchrun(tmp_path, mpirun, torchrun_reference):
     run_dir = tmp_path / "run"
-    res = run([mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PYTHONPATH", "-x",
-               "OMP_NUM_THREADS", sys.executable, "-m", "megatrain.train", *debug_train_args(run_dir)], timeout=300)
+    res = run([*mpirun_cmd(mpirun), "-x", "OMP_NUM_THREADS", sys.executable, "-m", "megatrain.train",
+               *debug_train_args(run_dir)], timeout=300)
     assert res.returncode == 0, excerpt(res.stdout)
     assert "found by mpi: OpenMPI via mpi4py" in res.stdout
     assert "preflight ok: 2 rank(s) on 1 host(s)" in res.stdout
     assert_same_losses(train_losses(run_dir), torchrun_reference, "mpirun vs torchrun")
 
 
-def test_mpirun_probe_reports_mpi_ranks(tmp_path, mpirun):
-    res = run([mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PYTHONPATH", sys.executable,
-               PROBE, "--out", tmp_path], timeout=120)
-    assert res.returncode == 0, excerpt(res.stdout)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [(r["method"], r["rank"], r["local_rank"], r["world_size"], r["sum"]) for r in ranks] == \
-           [("mpi", 0, 0, 2, 1.0), ("mpi", 1, 1, 2, 1.0)]
-    assert ranks[0]["master_port"] == ranks[1]["master_port"] > 0  # chosen by rank 0, broadcast over MPI
-
-
 def test_mpirun_rank_that_never_starts_mpi_ends_the_job(tmp_path, mpirun):
     """MPI_Init waits for every rank with no timeout; megatrain's watchdog ends the wait."""
     t0 = time.monotonic()
-    res = run([mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PYTHONPATH", sys.executable,
+    res = run([*mpirun_cmd(mpirun), sys.executable,
                PROBE, "--out", tmp_path, "--timeout", "4", "--sleep-before-init", "1:120"], timeout=100)
     assert res.returncode != 0
     assert "every rank must start MPI within distributed.timeout_s=4s" in res.stdout, excerpt(res.stdout)

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.launch.conftest import (PROBE, REPO, assert_same_losses, clean_env, debug_train_args, excerpt, run,
                                    train_losses, wait_for)
 
@@ -62,6 +60,7 @@ def test_sbatch_failure_is_reported_with_the_exit_code(tmp_path, slurm):
     assert res.returncode == 2, res.stdout + describe_failure(tmp_path, logs)
     text = job_log(tmp_path)
     assert "training failed with exit code 2" in text and "train.no_such_key: unknown key" in text
+    assert re.search(r"rank [01] failed first, with exit code 2", text) or "srun reported" not in text, text
 
 
 def test_srun_with_inconsistent_world_size_fails_fast(tmp_path, slurm):
@@ -73,22 +72,26 @@ def test_srun_with_inconsistent_world_size_fails_fast(tmp_path, slurm):
 
 
 def _job_state(job_id: str) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
-    return dict(re.findall(r"(\w+)=(\S+)", out))
+    res = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
+    if res.returncode != 0:  # purged: finished more than MinJobAge seconds ago
+        return {"JobState": "GONE"}
+    return dict(re.findall(r"(\w+)=(\S+)", res.stdout))
 
 
 def test_preempted_job_saves_requeues_and_resumes(tmp_path, slurm):
-    """SIGUSR1 (what --signal sends before the time limit) -> checkpoint + exit 75 -> requeue -> resume."""
+    """SIGUSR1 (what --signal sends before the time limit) -> checkpoint + exit 75 -> requeue -> resume.
+
+    Polls the job instead of `sbatch --wait`, which can return while the job is being requeued.
+    """
     from megatrain.trainer import REQUEUE_EXIT_CODE
 
     steps = 40
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
-    proc = subprocess.Popen(["sbatch", "--wait", "--parsable", *CPU_JOB, f"--output={tmp_path}/job-%j.out",
-                             TRAIN_SBATCH, *debug_train_args(run_dir, steps)], cwd=REPO, env=job_env(logs),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    res = run(["sbatch", "--parsable", *CPU_JOB, f"--output={tmp_path}/job-%j.out", TRAIN_SBATCH,
+               *debug_train_args(run_dir, steps)], timeout=60, env=job_env(logs))
+    job_id = res.stdout.strip().split(";")[0]
+    assert res.returncode == 0 and job_id.isdigit(), res.stdout
     try:
-        job_id = proc.stdout.readline().strip().split(";")[0]
-        assert job_id.isdigit(), job_id
         metrics = run_dir / "metrics.jsonl"
         wait_for(lambda: metrics.is_file() and '"step": 2,' in metrics.read_text(), 300, "step 2 of the first run")
         subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
@@ -96,13 +99,14 @@ def test_preempted_job_saves_requeues_and_resumes(tmp_path, slurm):
                  120, f"job {job_id} to be requeued (does the trainer save and exit {REQUEUE_EXIT_CODE} on SIGUSR1?)")
         # Slurm holds a requeued job for about two minutes (BeginTime); the test need not wait.
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
-        out, _ = proc.communicate(timeout=400)
+        final = wait_for(lambda: (s := _job_state(job_id)).get("JobState") in _FINISHED and s, 300,
+                         f"job {job_id} to finish after the requeue")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            subprocess.run(["scancel", job_id], check=False)
-    assert proc.returncode == 0, out + describe_failure(tmp_path, logs)
+        subprocess.run(["scancel", job_id], capture_output=True)
     text = job_log(tmp_path)
+    if final["JobState"] != "GONE":  # else the job log below must tell
+        assert (final["JobState"], final["ExitCode"], final["Restarts"]) == ("COMPLETED", "0:0", "1"), \
+            describe_failure(tmp_path, logs)
     assert f"asked to be requeued (exit {REQUEUE_EXIT_CODE}); requeueing job {job_id}" in text
     assert "(restart 1)" in text and "training finished" in text
     losses = train_losses(run_dir)
@@ -111,6 +115,10 @@ def test_preempted_job_saves_requeues_and_resumes(tmp_path, slurm):
     saved = re.findall(r"saved checkpoint (\S+step_(\d+))", rank0)
     assert len(saved) == 2 and 2 <= int(saved[0][1]) < steps and int(saved[1][1]) == steps, saved
     assert f"resumed from {saved[0][0]}: step {int(saved[0][1])}" in rank0
+
+
+_FINISHED = ("GONE", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+             "DEADLINE")
 
 
 def _write_jsonl(path: Path, n: int) -> None:
@@ -139,8 +147,11 @@ def test_preprocess_array_job_then_dependent_merge(tmp_path, slurm):
               timeout=60, env=env)
     assert res.returncode == 0, res.stdout
     array_id, merge_id = res.stdout.split()[-2:]
-    queued = lambda: subprocess.run(["squeue", "-h", "-j", f"{array_id},{merge_id}"], capture_output=True,
-                                    text=True).stdout.strip()
+
+    def queued() -> str:
+        return subprocess.run(["squeue", "-h", "-j", f"{array_id},{merge_id}"], capture_output=True,
+                              text=True).stdout.strip()
+
     wait_for(lambda: not queued(), 300, f"jobs {array_id} (array) and {merge_id} (merge) to finish")
     logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted((tmp_path / "logs").glob("*.out")))
     assert (tmp_path / "out" / "corpus.idx").is_file(), logs

@@ -17,7 +17,7 @@ die() { echo "[setup_services] ERROR: $*" >&2; exit 1; }
 [[ $(id -u) == 0 ]] || die "must run as root (it installs packages and starts slurmctld/slurmd/munged)"
 
 PACKAGES=(slurmctld slurmd slurm-client munge openmpi-bin libopenmpi3 iproute2 procps util-linux)
-COMMANDS=(slurmctld slurmd sbatch srun scontrol sinfo munged munge mpirun ip pgrep unshare runuser)
+COMMANDS=(slurmctld slurmd sbatch srun scontrol sinfo munged munge mpirun ip pgrep unshare nsenter runuser)
 
 install_packages() {
   local missing=()

@@ -95,12 +95,11 @@ def run(cfg) -> int:
     from megatrain.distributed import init_distributed
     from megatrain.parallel.state import ParallelState
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.train.precision == "auto":
-        cfg.train.precision = "bf16" if device.type == "cuda" else "fp32"
-    init_distributed(cfg.distributed, device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+        cfg.train.precision = "bf16" if device_type == "cuda" else "fp32"
+    init_distributed(cfg.distributed, device_type)  # picks this rank's GPU from its local rank
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     try:
         validate_world(cfg, dist.get_world_size())
         st = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)

@@ -166,13 +166,35 @@ def run_scaling(args, data: str, out: Path, env: dict) -> dict:
     return res
 
 
+def run_3d(args, data: str, out: Path, env: dict) -> dict:
+    """TP=2 x PP=2 x DP=2 on 8 ranks against 1 rank; its mid-run checkpoint resumed on 4 ranks as TP=2 x DP=2."""
+    half = args.steps // 2
+    common = ["train.micro_batch_size=2", "deepspeed.zero_stage=1"]
+    ref_run, run3d = out / "runs" / "3d_ref", out / "runs" / "3d_tp2pp2dp2"
+    res = {"1rank": torchrun(1, base(args, data, ref_run, args.steps) + common, out / "3d_ref.log", env),
+           "tp2_pp2_dp2": torchrun(8, base(args, data, run3d, args.steps) + common +
+                                   ["parallel.tensor=2", "parallel.pipeline=2", f"checkpoint.interval={half}",
+                                    "checkpoint.keep_last=0"], out / "3d_tp2pp2dp2.log", env)}
+    ref = losses(ref_run)
+    res["tp2_pp2_dp2"]["losses"] = losses(run3d)
+    res["tp2_pp2_dp2"]["max_rel_diff_vs_1rank"] = max_rel(losses(run3d), ref)
+    run4 = out / "runs" / "3d_resume_tp2dp2"
+    res["resume_on_4_tp2_dp2"] = torchrun(4, base(args, data, run4, args.steps) + common + [
+        "parallel.tensor=2", f"train.resume={run3d}/checkpoints/step_{half:08d}"], out / "3d_resume.log", env)
+    got = losses(run4)
+    res["resume_on_4_tp2_dp2"]["losses"] = got
+    res["resume_on_4_tp2_dp2"]["max_rel_diff_vs_uninterrupted_8rank"] = max_rel(got, losses(run3d)[half:])
+    res["resume_on_4_tp2_dp2"]["max_rel_diff_vs_1rank"] = max_rel(got, ref[half:])
+    return res
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "multi_gpu_out")),
                    help="where multi_gpu.json and logs.txt go")
     p.add_argument("--work", type=Path, default=Path("/tmp/megatrain_multi_gpu"),
                    help="scratch: dataset, run directories, per-run logs")
-    p.add_argument("--only", default="curves,resume,scaling")
+    p.add_argument("--only", default="curves,resume,scaling", help="any of curves,resume,scaling,3d (3d: 8 ranks)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--max-gpus", type=int, default=4)
     p.add_argument("--cpu-smoke", action="store_true", help="debug preset over gloo on CPU")
@@ -187,7 +209,7 @@ def main() -> int:
     data = str(args.work / "data" / "synthetic")
     write_dataset(data, 512 if args.cpu_smoke else 32000, args.tokens)
     result = {"date": time.strftime("%Y-%m-%d"), "device": _device()}
-    for part, fn in (("curves", run_curves), ("resume", run_resume), ("scaling", run_scaling)):
+    for part, fn in (("curves", run_curves), ("resume", run_resume), ("scaling", run_scaling), ("3d", run_3d)):
         if part in args.only.split(","):
             t0 = time.time()
             result[part] = fn(args, data, args.work, env)

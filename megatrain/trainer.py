@@ -115,6 +115,8 @@ class Trainer:
         finally:
             self.guard.remove()
             self.metrics.close()
+            if self._batches is not None:  # stop the prefetch thread before the interpreter shuts down
+                self._batches.close()
 
     def _loop(self, wd: res.Watchdog, signals: res.StopSignals) -> int:
         cfg, t = self.cfg, self.cfg.train

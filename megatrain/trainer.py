@@ -220,6 +220,7 @@ class Trainer:
                 loss = total / self.cfg.eval.steps
         finally:
             eng.train()
+            batches.close()  # its prefetch thread must not outlive the evaluation
         value = self._dp_mean(loss)
         rec = {"step": self.step, "eval_loss": value, "eval_ppl": math.exp(min(value, 50.0))}
         log.info("eval step %d | loss %.4f | ppl %.1f", self.step, value, rec["eval_ppl"])

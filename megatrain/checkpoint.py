@@ -258,9 +258,14 @@ def _hash_distributed(tmp: Path, rank: int, world: int) -> dict[str, dict]:
     """Manifest entries of every file under ``tmp``; rank r hashes every world-th file from the r-th, so a
     large checkpoint is read in parallel. Returns the merged table on rank 0 ({} elsewhere)."""
     rels = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-    mine = {r: _file_entry(tmp / r) for r in rels[rank::world]}
     if world == 1:
-        return mine
+        return {r: _file_entry(tmp / r) for r in rels}
+    # Every rank's listing: on a network file system a rank's directory cache may not show another
+    # node's files yet (opening them by name does), and each writer surely sees its own.
+    listings: list = [None] * world
+    dist.all_gather_object(listings, rels)
+    rels = sorted(set().union(*listings))
+    mine = {r: _file_entry(tmp / r) for r in rels[rank::world]}
     gathered: list = [None] * world if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     return {k: v for part in gathered for k, v in part.items()} if rank == 0 else {}

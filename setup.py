@@ -21,6 +21,7 @@ setup(
         "safetensors",
         "tqdm",
         "gguf",
+        "matplotlib",
     ],
     extras_require={"test": ["pytest", "transformers"]},
     entry_points={

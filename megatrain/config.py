@@ -395,6 +395,10 @@ def parse_override(arg: str) -> tuple[str, Any]:
     if "=" not in arg:
         raise ConfigError(f"{arg!r}: overrides are written dotted.key=value")
     key, raw = arg.split("=", 1)
+    if raw.strip().lower() in ("on", "off", "yes", "no", "y", "n"):
+        # YAML 1.1 reads these as booleans; keep the word (verify=off, deepspeed.offload=none-style values),
+        # boolean fields accept the word too
+        return key.strip(), raw.strip()
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:

@@ -35,6 +35,13 @@ def _user_errors() -> tuple:
     return (ConfigError, DataFormatError, CheckpointError, LaunchError, FileNotFoundError)
 
 
+def _run_errors() -> tuple:
+    """Failures of the job itself (a peer died, a collective timed out): one line naming the phase, exit 1."""
+    from megatrain.resilience import DistributedError
+
+    return (DistributedError,)
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="megatrain-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +92,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except errors as e:
         log.error("error: %s", e)
         return 2
+    except _run_errors() as e:
+        log.error("job failed: %s", e)
+        return 1
 
 
 def run(cfg) -> int:

@@ -70,3 +70,8 @@ def test_missing_config_file(tmp_path):
 def test_all_presets_validate():
     for name in PRESETS:
         load_config(None, [f"model.preset={name}"])
+
+
+def test_yaml_boolean_words_stay_words_for_string_fields():
+    cfg = load_config(None, ["checkpoint.verify=off", "train.deterministic=on", "train.compile=no"])
+    assert cfg.checkpoint.verify == "off" and cfg.train.deterministic is True and cfg.train.compile is False

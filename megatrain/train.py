@@ -20,7 +20,8 @@ log = logging.getLogger("megatrain.train")
 DEMO_DEFAULTS = [
     "model.preset=demo", "data.split=95,5,0", "train.seq_len=256", "train.micro_batch_size=8", "train.max_steps=200",
     "optimizer.lr=2e-3", "optimizer.min_lr=2e-4", "schedule.warmup_steps=30", "eval.interval=50",
-    "eval.steps=4", 'eval.prompts=["def ", "The "]', "eval.sample_tokens=24", "logging.interval=10",
+    "eval.steps=4", 'eval.prompts=["def ", "The "]', "eval.sample_tokens=24", "eval.top_p=0.9",
+    "eval.temperature=0.8", "logging.interval=10",
     "run.dir=runs/demo",
 ]
 

@@ -498,13 +498,10 @@ def _merge_files(ckpt_dir: Path, meta: dict, files: dict[tuple[int, int], Path],
 def stage_of_names(names: Iterable[str], num_layers: int, pp: int) -> dict[str, int]:
     """A pipeline stage per canonical name: blocks spread evenly, embedding first, final norm and head last.
     (Loading merges by name, so any assignment reads back; this one matches ``partition=uniform``.)"""
-    from megatrain.model.shards import block_index
-
     out = {}
     for n in names:
-        b = block_index(n)
-        if b is not None:
-            out[n] = min(pp - 1, b * pp // max(1, num_layers))
+        if n.startswith("blocks."):  # blocks.<global index>.
+            out[n] = min(pp - 1, int(n.split(".")[1]) * pp // max(1, num_layers))
         else:
             out[n] = 0 if n.startswith("embed.") else pp - 1
     return out
@@ -512,7 +509,7 @@ def stage_of_names(names: Iterable[str], num_layers: int, pp: int) -> dict[str, 
 
 def split_for_topology(full_sd: dict[str, torch.Tensor], cfg: Any, tp: int,
                        stage_of: dict[str, int]) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
-    """{(tp_rank, pp_rank): shard}; the same cut as ``model.shards.split_state_dict``."""
+    """{(tp_rank, pp_rank): shard}: each tensor cut into ``tp`` chunks along its partition dim, placed on its stage."""
     info = model_layout(cfg)
     out: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for name, t in full_sd.items():

@@ -236,13 +236,11 @@ def build_pipeline_module(cfg: Config, st: ParallelState, ctx: Ctx) -> nn.Module
         else:
             specs.append(LayerSpec(part.cls, cfg.model, ctx, *part.args))
     topo = PipeModelDataParallelTopology(num_pp=st.pp_size, num_mp=st.tp_size, num_dp=st.dp_size)
-    method = cfg.parallel.pipeline_partition
-    if method.startswith("type:"):
-        method = "type:" + method[5:]
     loss = functools.partial(logits_loss, tp_group=st.tp_group)
-    pipe = PipelineModule(layers=specs, topology=topo, loss_fn=loss, partition_method=method,
+    pipe = PipelineModule(layers=specs, topology=topo, loss_fn=loss,
+                          partition_method=cfg.parallel.pipeline_partition,
                           activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
-    for name, part, module in pipeline_parts(pipe, parts):
+    for _, part, module in pipeline_parts(pipe, parts):
         module.reset_parameters(cfg.train.seed, part.name)
     return pipe
 

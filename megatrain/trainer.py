@@ -67,20 +67,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step; returns this rank's mean micro-batch loss as a device tensor (no host sync)."""
+    def train_step(self) -> None:
+        """One optimizer step. The guard's vote before the update reduces the step's loss over all ranks;
+        ``self.guard.last.loss`` holds the mean afterwards, so the loop needs no reduction of its own."""
         eng = self.engine
         if self.built.is_pipeline:
-            return eng.train_batch(data_iter=self._batches).detach().float()
-        total = torch.zeros((), device=self.device)
+            eng.train_batch(data_iter=self._batches)
+            return
         for _ in range(self.built.plan.grad_accum):
             tokens, labels = next(self._batches)
             loss = eng(tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
             self.guard.observe_loss(loss)
             eng.backward(loss)
             eng.step()
-            total += loss.detach().float()
-        return total / self.built.plan.grad_accum
 
     def _dp_mean(self, x: torch.Tensor) -> float:
         """Mean over data-parallel ranks (the pipeline engine already returns it on every stage)."""
@@ -124,12 +123,12 @@ class Trainer:
         tokens_per_step = self.built.plan.global_batch * t.seq_len
         log.info("training from step %d to %d (%d samples consumed)", self.step, t.max_steps, self.consumed_samples)
         start = last = time.time()
-        loss_acc, n_acc, steps_at_start = None, 0, self.step
+        loss_sum, n_loss, n_acc, steps_at_start = 0.0, 0, 0, self.step
         while self.step < t.max_steps:
             began = time.time()
             # The first step after a (re)start also builds kernels and caches: give it more time.
             with wd.phase(f"train step {self.step + 1}", factor=3 if self.step == steps_at_start else 1):
-                loss = self.train_step()
+                self.train_step()
             self.guard.slowest_step_s = max(self.guard.slowest_step_s, time.time() - began)
             out = self.guard.last
             self.step += 1
@@ -140,13 +139,14 @@ class Trainer:
                 return res.ABORT_EXIT_CODE
             if not out.applied:
                 log.warning("step %d: update skipped on every rank: %s", self.step, out.skip_reason)
-            loss_acc = loss if loss_acc is None else loss_acc + loss
+            if out.loss is not None:  # None: not finite (the step was skipped and is counted as such)
+                loss_sum, n_loss = loss_sum + out.loss, n_loss + 1
             n_acc += 1
             if self.step % cfg.logging.interval == 0 or self.step == t.max_steps:
                 now = time.time()
-                self._log_step(self._dp_mean(loss_acc / n_acc), n_acc * tokens_per_step / (now - last),
+                self._log_step(loss_sum / n_loss if n_loss else float("nan"), n_acc * tokens_per_step / (now - last),
                                now - start, (now - start) / (self.step - steps_at_start) * (t.max_steps - self.step))
-                loss_acc, n_acc, last = None, 0, time.time()
+                loss_sum, n_loss, n_acc, last = 0.0, 0, 0, time.time()
             saved = self._periodic(wd)
             if out.stop_reason and self.step < t.max_steps:
                 if signals.received:

@@ -1,5 +1,17 @@
+import logging
+
 import numpy as np
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _restore_megatrain_logger():
+    """Tests that run main() configure logging for a process (own handler, no propagation); put the
+    logger back so later tests' caplog sees megatrain's records whatever the test order."""
+    logger = logging.getLogger("megatrain")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
 
 
 def build_pattern_dataset(prefix: str, vocab: int = 512, docs: int = 200, seed: int = 0) -> str:

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from megatrain import ckpt_layout as layout
-from megatrain.model.shards import split_state_dict
+from megatrain.parallel.layers import shard_of
 from tests.convert.conftest import debug_config, make_checkpoint
 
 
@@ -26,8 +26,11 @@ def _trainer_style_save(root, cfg, sd, tp, pp, step):
     """Write a checkpoint the way the trainer does: one shard per rank, then meta, manifest, COMPLETE, latest."""
     tag = layout.tag_for_step(step)
     stage_of = layout.stage_of_names(sd, cfg.model.num_layers, pp)
-    for (t, p), shard in split_state_dict(sd, cfg.model, tp, stage_of).items():
-        layout.write_model_shard(root / tag, t, p, shard, tp, pp)
+    dims = {n: d for n, (_, d) in layout.model_layout(cfg.model).items()}
+    for t in range(tp):  # cut with the TP layers' own rule, independently of split_for_topology
+        for p in range(pp):
+            shard = {n: shard_of(x, dims[n], t, tp).contiguous() for n, x in sd.items() if stage_of[n] == p}
+            layout.write_model_shard(root / tag, t, p, shard, tp, pp)
     meta = layout.build_weights_only_meta(cfg.to_dict(), sd, tp, pp, {"step": step, "weights_only": False})
     layout.write_meta(root / tag, meta)
     layout.write_manifest(root / tag)
@@ -39,7 +42,7 @@ def _trainer_style_save(root, cfg, sd, tp, pp, step):
 def test_shards_round_trip_bitwise_at_tp2_pp2(tmp_path):
     cfg = debug_config()
     sd = make_checkpoint(tmp_path / "a", cfg, tp=2, pp=2)
-    # the trainer's path (split_state_dict + write_model_shard) writes the same files as the one-call writer
+    # the trainer's path (per-rank shards + write_model_shard) writes the same files as the one-call writer
     _trainer_style_save(tmp_path / "run", cfg, sd, 2, 2, 7)
     for t in range(2):
         for p in range(2):
@@ -66,11 +69,9 @@ def test_tied_embedding_is_stored_once(tmp_path):
 
 
 def test_load_weights_for_rank_recuts_for_another_tp(tmp_path):
-    from megatrain.model.shards import partition_dims
-
     cfg = debug_config("model.num_kv_heads=4")  # 4 KV heads: TP=4 can split them
     sd = make_checkpoint(tmp_path / "c", cfg, tp=2)
-    dims = partition_dims(cfg.model)
+    dims = {n: d for n, (_, d) in layout.model_layout(cfg.model).items()}
     for rank in range(4):
         _, mine = layout.load_weights_for_rank(tmp_path / "c", rank, 4)
         for n, t in mine.items():

@@ -203,6 +203,8 @@ class LoggingConfig:
     all_ranks: bool = _f(False, "let every rank log at the chosen level")
     wandb_project: Optional[str] = _f(None, "wandb project; offline mode when no API key is set")
     wandb_run_name: Optional[str] = _f(None, "wandb run name (default: the run directory's name)")
+    pipeline_timing: bool = _f(False, "pipelined runs: time every pipeline instruction per stage and record "
+                               "compute time and the measured bubble next to (p-1)/m at each log interval")
 
 
 @dataclass
@@ -489,6 +491,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if p.pipeline > 1 and cfg.deepspeed.zero_stage > 1:
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} with parallel.pipeline={p.pipeline}: "
                           f"DeepSpeed's pipeline engine does not support ZeRO-2/3; use deepspeed.zero_stage=0 or 1")
+    if cfg.logging.pipeline_timing and p.pipeline == 1:
+        raise ConfigError("logging.pipeline_timing=true times pipeline stages, but parallel.pipeline=1; set "
+                          "parallel.pipeline > 1 or drop the option")
     if cfg.deepspeed.offload == "all" and cfg.deepspeed.zero_stage != 3:
         raise ConfigError("deepspeed.offload=all offloads parameters, which needs deepspeed.zero_stage=3")
     if cfg.deepspeed.offload == "optimizer" and cfg.deepspeed.zero_stage == 0:

@@ -43,6 +43,11 @@ class Trainer:
         self.exit_code = 0
         # Skip / abort / stop decisions taken by all ranks together at every optimizer step.
         self.guard = res.StepGuard(self.engine, cfg.train, built.plan.grad_accum, built.is_pipeline, device)
+        self.pipe_timer = None
+        if cfg.logging.pipeline_timing and built.is_pipeline:
+            from megatrain.pipe_timing import PipelineTimer
+
+            self.pipe_timer = PipelineTimer(self.engine, device, st.pp_group, st.pp_size, built.plan.grad_accum)
 
     # ------------------------------------------------------------------ data
 
@@ -197,6 +202,11 @@ class Trainer:
         if self.guard.counters.skipped:
             rec["skipped"] = self.guard.counters.skipped
         log.info(format_step_line(rec, self.cfg.train.max_steps, elapsed, eta))
+        if self.pipe_timer is not None:  # collective over the pipeline group: every rank logs at this step
+            from megatrain.pipe_timing import format_report
+
+            rec.update(self.pipe_timer.report())
+            log.info(format_report(rec))
         self.metrics.write(rec)
         self.history.append(rec)
 

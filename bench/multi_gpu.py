@@ -29,15 +29,41 @@ MODEL_350M = ["model.hidden_size=1024", "model.num_layers=24", "model.num_heads=
               "model.ffn_hidden_size=2816", "model.vocab_size=32000", "model.max_seq_len=2048"]
 DEBUG = ["model.preset=debug"]
 
-# (name, GPUs, overrides): global batch 16 x seq 1024 in every layout
+# (name, GPUs, overrides): the same global batch (--curve-batch) x seq 1024 in every layout; accumulation
+# makes up the rest. The two extra 1-GPU runs are the noise floor: the same run again (kernel
+# nondeterminism) and the same batch cut into smaller micro-batches (another bf16 summation order, no
+# parallelism at all). A layout is as close to 1 GPU as those two are to each other, or it has a problem.
 LAYOUTS = [
-    ("1gpu", 1, ["train.micro_batch_size=4"]),
-    ("dp4_zero1", 4, ["train.micro_batch_size=4", "deepspeed.zero_stage=1"]),
-    ("dp4_zero2", 4, ["train.micro_batch_size=4", "deepspeed.zero_stage=2"]),
-    ("dp4_zero3", 4, ["train.micro_batch_size=4", "deepspeed.zero_stage=3"]),
-    ("tp2_dp2", 4, ["train.micro_batch_size=4", "parallel.tensor=2"]),
-    ("pp2_dp2", 4, ["train.micro_batch_size=4", "parallel.pipeline=2"]),
-    ("tp2_pp2", 4, ["train.micro_batch_size=4", "parallel.tensor=2", "parallel.pipeline=2"]),
+    ("1gpu", 1, ["train.micro_batch_size=8"]),
+    ("1gpu_repeat", 1, ["train.micro_batch_size=8"]),
+    ("1gpu_mb4", 1, ["train.micro_batch_size=4"]),
+    ("dp4_zero1", 4, ["train.micro_batch_size=8", "deepspeed.zero_stage=1"]),
+    ("dp4_zero2", 4, ["train.micro_batch_size=8", "deepspeed.zero_stage=2"]),
+    ("dp4_zero3", 4, ["train.micro_batch_size=8", "deepspeed.zero_stage=3"]),
+    ("tp2_dp2", 4, ["train.micro_batch_size=8", "parallel.tensor=2"]),
+    ("pp2_dp2", 4, ["train.micro_batch_size=8", "parallel.pipeline=2"]),
+    ("tp2_pp2", 4, ["train.micro_batch_size=8", "parallel.tensor=2", "parallel.pipeline=2",
+                    "checkpoint.save_at_end=true"]),  # its checkpoint feeds the conversion check
+]
+
+# Big models on 4 GPUs (name, GPUs, overrides); tokens/s and MFU from the logged intervals after warm-up.
+LLAMA3_8B = ["model.preset=llama3-8b", "train.seq_len=4096"]
+LLAMA2_13B = ["model.preset=llama2-13b", "train.seq_len=4096"]
+BIG = [
+    ("llama3_8b_zero3_dp4", 4, LLAMA3_8B + ["deepspeed.zero_stage=3", "train.micro_batch_size=4",
+                                            "train.global_batch_size=16"]),
+    ("llama3_8b_tp2_dp2", 4, LLAMA3_8B + ["parallel.tensor=2", "deepspeed.zero_stage=1",
+                                          "train.micro_batch_size=4", "train.global_batch_size=8"]),
+    ("llama2_13b_tp2_pp2", 4, LLAMA2_13B + ["parallel.tensor=2", "parallel.pipeline=2", "deepspeed.zero_stage=1",
+                                            "train.micro_batch_size=2", "train.global_batch_size=32",
+                                            "logging.pipeline_timing=true"]),
+]
+# One GPU, ZeRO-3 with parameters and optimizer state in host memory: largest first that the host can hold
+# (about 18 bytes per parameter in host memory: fp32 master, Adam moments, fp32 gradients, bf16 weights).
+OFFLOAD = [  # (name, micro-batch of seq 2048, overrides)
+    ("llama2_13b_offload", 4, ["model.preset=llama2-13b"]),
+    ("llama_20b_offload", 2, ["model.preset=llama2-13b", "model.hidden_size=6144", "model.num_layers=52",
+                              "model.num_heads=48", "model.num_kv_heads=8", "model.ffn_hidden_size=16384"]),
 ]
 
 
@@ -100,9 +126,9 @@ def max_rel(a: list[float], b: list[float]) -> float:
 def base(args, data: str, run: Path, steps: int) -> list[str]:
     model = DEBUG if args.cpu_smoke else MODEL_350M
     return model + [f"data.path={data}", "data.split=100,0,0", f"run.dir={run}", f"train.max_steps={steps}",
-                    f"train.seq_len={128 if args.cpu_smoke else 1024}", "train.global_batch_size=16",
+                    f"train.seq_len={128 if args.cpu_smoke else 1024}", f"train.global_batch_size={args.curve_batch}",
                     "train.resume=never", "logging.interval=1", "eval.steps=0", "eval.sample_tokens=0",
-                    "checkpoint.save_at_end=false", "optimizer.lr=3e-4", "schedule.warmup_steps=10",
+                    "checkpoint.save_at_end=false", f"optimizer.lr={args.curve_lr}", "schedule.warmup_steps=10",
                     f"train.precision={'fp32' if args.cpu_smoke else 'bf16'}"]
 
 
@@ -117,7 +143,83 @@ def run_curves(args, data: str, out: Path, env: dict) -> dict:
         res[name]["losses"] = losses(run)
     ref = res.get("1gpu", {}).get("losses", [])
     for name in res:
-        res[name]["max_rel_diff_vs_1gpu"] = max_rel(res[name]["losses"], ref)
+        got = res[name]["losses"]
+        res[name]["max_rel_diff_vs_1gpu"] = max_rel(got, ref)
+        if got and len(got) == len(ref):  # by thirds of the run: early agreement, then any drift
+            k = len(ref)
+            res[name]["max_rel_diff_by_third"] = [max_rel(got[a:b], ref[a:b]) for a, b in
+                                                  ((0, k // 3), (k // 3, 2 * k // 3), (2 * k // 3, k))]
+    return res
+
+
+def _speed(run: Path, r: dict, skip: int = 2) -> dict:
+    """Median tokens/s, TFLOP/s per GPU and MFU of the logged intervals after ``skip`` warm-up ones."""
+    recs = records(run)[skip:] if r.get("exit") == 0 else []
+    for key in ("tokens_per_s", "tflops", "mfu", "mem_gib"):
+        vals = [x[key] for x in recs if x.get(key) is not None]
+        r[key] = float(np.median(vals)) if vals and key != "mem_gib" else (max(vals) if vals else None)
+    pipe = [x for x in recs if "pipe_bubble" in x]
+    if pipe:
+        for key in ("pipe_bubble", "pipe_compute_ms", "pipe_step_ms", "pipe_p2p_ms"):
+            r[key] = np.median([x[key] for x in pipe], axis=0).round(4).tolist()
+        r["pipe_bubble_theory"] = pipe[0]["pipe_bubble_theory"]
+    return r
+
+
+def _big_common(data: str, run: Path, steps: int) -> list[str]:
+    return [f"data.path={data}", "data.split=100,0,0", f"run.dir={run}", f"train.max_steps={steps}",
+            "train.resume=never", "logging.interval=2", "eval.steps=0", "eval.sample_tokens=0",
+            "checkpoint.save_at_end=false", "train.precision=bf16"]
+
+
+def run_big(args, data: str, out: Path, env: dict) -> dict:
+    """Llama-3 8B (seq 4096) as ZeRO-3 DP=4 and TP=2 x DP=2; Llama-2 13B as TP=2 x PP=2 with the bubble."""
+    res = {}
+    for name, n, extra in BIG:
+        run = out / "runs" / name
+        if args.cpu_smoke:  # the same layouts on the debug model
+            extra = DEBUG + [x for x in extra if not x.startswith(("model.", "train.seq_len", "train.micro",
+                                                                     "train.global"))] + [
+                "train.seq_len=128", "train.micro_batch_size=2", "train.global_batch_size=16"]
+        res[name] = _speed(run, torchrun(n, _big_common(data, run, args.big_steps) + extra, out / f"{name}.log", env))
+    return res
+
+
+def run_offload(args, data: str, out: Path, env: dict) -> dict:
+    """The largest shapes that train on one GPU with ZeRO-3 and CPU offload of parameters and optimizer."""
+    res = {}
+    for name, mb, extra in OFFLOAD:
+        run = out / "runs" / name
+        offload = ["deepspeed.zero_stage=3", "deepspeed.offload=all", "logging.interval=1",
+                   f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}"]
+        over = _big_common(data, run, args.offload_steps) + extra + offload + ["train.seq_len=2048"]
+        if args.cpu_smoke:
+            over = _big_common(data, run, 3) + DEBUG + offload + ["train.seq_len=128", "train.precision=fp32"]
+        r = _speed(run, torchrun(1, over, out / f"{name}.log", env, timeout=420), skip=1)
+        res[name] = r
+        if r.get("exit") != 0:
+            break  # a larger shape will not fit either
+    return res
+
+
+def run_convert(args, data: str, out: Path, env: dict) -> dict:
+    """The TP=2 x PP=2 curve run's final checkpoint -> Hugging Face (megatrain-convert, verified on the CPU),
+    then both models on the GPU: megatrain's (loaded from the checkpoint) against transformers' (loaded from
+    the export), fp32 and bf16 logits."""
+    ckpt = out / "runs" / "tp2_pp2" / "checkpoints"
+    hf = out / "hf_tp2_pp2"
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "megatrain.convert.cli", str(ckpt), str(hf), "--to", "hf", "--overwrite",
+           "--no-tokenizer", "--verify-tokens", "8"]
+    with open(out / "convert.log", "w") as f:
+        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=600)
+    res = {"cmd": " ".join(cmd[1:]), "exit": p.returncode, "wall_s": round(time.time() - t0, 1),
+           "convert_output": (out / "convert.log").read_text()[-600:]}
+    if p.returncode == 0:
+        chk = subprocess.run([sys.executable, str(ROOT / "bench" / "convert_check.py"), str(ckpt), str(hf)],
+                             capture_output=True, text=True, env=env, timeout=600)
+        res["gpu_check_exit"] = chk.returncode
+        res["gpu_check"] = json.loads(chk.stdout.splitlines()[-1]) if chk.returncode == 0 else chk.stderr[-2000:]
     return res
 
 
@@ -194,8 +296,13 @@ def main() -> int:
                    help="where multi_gpu.json and logs.txt go")
     p.add_argument("--work", type=Path, default=Path("/tmp/megatrain_multi_gpu"),
                    help="scratch: dataset, run directories, per-run logs")
-    p.add_argument("--only", default="curves,resume,scaling", help="any of curves,resume,scaling,3d (3d: 8 ranks)")
+    p.add_argument("--only", default="curves,resume,scaling",
+                   help="any of curves,convert,resume,scaling,big,offload,3d (3d: 8 ranks; convert: after curves)")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--curve-batch", type=int, default=64, help="global batch (sequences of 1024) of the curves")
+    p.add_argument("--curve-lr", type=float, default=2e-4, help="peak learning rate of the curves")
+    p.add_argument("--big-steps", type=int, default=10, help="steps of each big-model run")
+    p.add_argument("--offload-steps", type=int, default=4, help="steps of each offload run")
     p.add_argument("--max-gpus", type=int, default=4)
     p.add_argument("--cpu-smoke", action="store_true", help="debug preset over gloo on CPU")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no run after this many seconds")
@@ -209,7 +316,9 @@ def main() -> int:
     data = str(args.work / "data" / "synthetic")
     write_dataset(data, 512 if args.cpu_smoke else 32000, args.tokens)
     result = {"date": time.strftime("%Y-%m-%d"), "device": _device()}
-    for part, fn in (("curves", run_curves), ("resume", run_resume), ("scaling", run_scaling), ("3d", run_3d)):
+    parts = (("curves", run_curves), ("convert", run_convert), ("resume", run_resume), ("scaling", run_scaling),
+             ("big", run_big), ("offload", run_offload), ("3d", run_3d))
+    for part, fn in parts:
         if part in args.only.split(","):
             t0 = time.time()
             result[part] = fn(args, data, args.work, env)

@@ -175,8 +175,15 @@ def _big_common(data: str, run: Path, steps: int) -> list[str]:
 def run_big(args, data: str, out: Path, env: dict) -> dict:
     """Llama-3 8B (seq 4096) as ZeRO-3 DP=4 and TP=2 x DP=2; Llama-2 13B as TP=2 x PP=2 with the bubble."""
     res = {}
+    data_l3 = data + "_v128k"  # Llama-3's 128K vocabulary needs uint32 tokens: its own copy of the data
+    if not args.cpu_smoke and not Path(data_l3 + ".idx").is_file():
+        write_dataset(data_l3, 128256, 2_000_000)
     for name, n, extra in BIG:
+        if args.big_names and name not in args.big_names.split(","):
+            continue
         run = out / "runs" / name
+        if "model.preset=llama3-8b" in extra and not args.cpu_smoke:
+            extra = extra + [f"data.path={data_l3}"]
         if args.cpu_smoke:  # the same layouts on the debug model
             extra = DEBUG + [x for x in extra if not x.startswith(("model.", "train.seq_len", "train.micro",
                                                                      "train.global"))] + [
@@ -302,6 +309,7 @@ def main() -> int:
     p.add_argument("--curve-batch", type=int, default=64, help="global batch (sequences of 1024) of the curves")
     p.add_argument("--curve-lr", type=float, default=2e-4, help="peak learning rate of the curves")
     p.add_argument("--big-steps", type=int, default=10, help="steps of each big-model run")
+    p.add_argument("--big-names", default="", help="only these big-model runs (comma-separated names)")
     p.add_argument("--offload-steps", type=int, default=4, help="steps of each offload run")
     p.add_argument("--max-gpus", type=int, default=4)
     p.add_argument("--cpu-smoke", action="store_true", help="debug preset over gloo on CPU")

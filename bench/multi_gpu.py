@@ -160,7 +160,8 @@ def _speed(run: Path, r: dict, skip: int = 2) -> dict:
         r[key] = float(np.median(vals)) if vals and key != "mem_gib" else (max(vals) if vals else None)
     pipe = [x for x in recs if "pipe_bubble" in x]
     if pipe:
-        for key in ("pipe_bubble", "pipe_compute_ms", "pipe_step_ms", "pipe_p2p_ms"):
+        for key in ("pipe_bubble", "pipe_bubble_step", "pipe_compute_ms", "pipe_update_ms", "pipe_step_ms",
+                    "pipe_p2p_ms"):
             r[key] = np.median([x[key] for x in pipe], axis=0).round(4).tolist()
         r["pipe_bubble_theory"] = pipe[0]["pipe_bubble_theory"]
     return r

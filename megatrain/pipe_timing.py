@@ -8,11 +8,15 @@ synchronous anyway. At each log interval the stages exchange their totals and ev
 - ``pipe_compute_ms``: per stage, forward + backward time per step;
 - ``pipe_bubble``: per stage, (step - compute - gradient reduction - optimizer) / compute, i.e. the
   time the stage spends waiting for its neighbours, receiving and sending, and loading micro-batches,
-  relative to the compute it does. For balanced stages and free communication, 1F1B and GPipe
+  relative to the compute it does;
+- ``pipe_bubble_step``: the pipeline's bubble, (step - optimizer - slowest stage's compute) / slowest
+  stage's compute, where "optimizer" is the least gradient-reduction + optimizer time of any stage (a
+  stage that finishes its backward passes early waits inside the optimizer's gradient-norm all-reduce;
+  that wait is bubble, not optimizer work). For balanced stages and free communication, 1F1B and GPipe
   schedules put it at (p - 1) / m (``pipe_bubble_theory``), p stages and m micro-batches per step.
 
-The difference between the measured and the theoretical bubble is the price of unbalanced stages
-(the embedding and the head sit on the first and last stage) and of point-to-point transfers.
+Per stage, the bubble is uneven under 1F1B: the last stage idles for the first forward passes of the
+stages before it, the first stage for the last backward passes, which take about twice as long.
 """
 
 from __future__ import annotations
@@ -124,15 +128,20 @@ class PipelineTimer:
         rows = [dict(zip(FIELDS, s.tolist())) for s in stages]
         compute = [r["forward"] + r["backward"] for r in rows]
         bubble = [bubble_fraction(r["step"], c, r["reduce"], r["optimizer"]) for r, c in zip(rows, compute)]
+        update = [r["reduce"] + r["optimizer"] for r in rows]
+        step = max(r["step"] for r in rows)
         return {"pipe_step_ms": [round(r["step"], 2) for r in rows],
                 "pipe_compute_ms": [round(c, 2) for c in compute],
+                "pipe_update_ms": [round(u, 2) for u in update],
                 "pipe_p2p_ms": [round(r["p2p"], 2) for r in rows],
                 "pipe_bubble": [round(b, 4) for b in bubble],
+                "pipe_bubble_step": round(bubble_fraction(step, max(compute), min(update), 0.0), 4),
                 "pipe_bubble_theory": round((self.pp_size - 1) / self.micro_batches, 4)}
 
 
 def format_report(rep: dict[str, Any]) -> str:
     stages = ", ".join(f"{b:.1%}" for b in rep["pipe_bubble"])
     compute = ", ".join(f"{c:.0f}" for c in rep["pipe_compute_ms"])
-    return (f"pipeline: bubble by stage {stages} (theory (p-1)/m = {rep['pipe_bubble_theory']:.1%}) | "
+    return (f"pipeline: bubble {rep['pipe_bubble_step']:.1%} (theory (p-1)/m = {rep['pipe_bubble_theory']:.1%}), "
+            f"by stage {stages} | "
             f"compute ms/step by stage {compute} | step {max(rep['pipe_step_ms']):.0f} ms")

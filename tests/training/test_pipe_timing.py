@@ -47,5 +47,6 @@ def test_stages_report_compute_and_bubble(pattern_dataset, tmp_path):
         assert all(0 <= b < 20 for b in rec["pipe_bubble"])
         # a stage waits for its neighbour at the start or the end of every step
         assert max(rec["pipe_bubble"]) > 0
+        assert 0 <= rec["pipe_bubble_step"] < 20 and all(u >= 0 for u in rec["pipe_update_ms"])
     # the other stage saw the same exchanged figures
     assert [r["pipe_compute_ms"] for r in hist[1] if "loss" in r] == [r["pipe_compute_ms"] for r in steps]

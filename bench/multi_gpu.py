@@ -58,8 +58,8 @@ BIG = [
                                             "train.micro_batch_size=2", "train.global_batch_size=32",
                                             "logging.pipeline_timing=true"]),
 ]
-# One GPU, ZeRO-3 with parameters and optimizer state in host memory: largest first that the host can hold
-# (about 18 bytes per parameter in host memory: fp32 master, Adam moments, fp32 gradients, bf16 weights).
+# One GPU, ZeRO-3 with parameters and optimizer state in host memory, growing shapes until one fails (about
+# 18 bytes per parameter of host memory: fp32 master, Adam moments, fp32 gradients, bf16 weights).
 OFFLOAD = [  # (name, micro-batch of seq 2048, overrides)
     ("llama2_13b_offload", 4, ["model.preset=llama2-13b"]),
     ("llama_20b_offload", 2, ["model.preset=llama2-13b", "model.hidden_size=6144", "model.num_layers=52",

@@ -237,6 +237,12 @@ def _produce(indices: Iterator[range], dataset, out: queue.Queue, stop: threadin
         out.put(e)
 
 
+def _stop_prefetch(stop: threading.Event, thread: Optional[threading.Thread]) -> None:
+    stop.set()
+    if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+        thread.join(timeout=5)
+
+
 class MicroBatchSampler:
     """Iterator over (tokens, labels) torch.LongTensor (micro_batch, seq_len) for one DP rank, forever.
 
@@ -270,7 +276,9 @@ class MicroBatchSampler:
                                             args=(self._indices, self.dataset, self._queue, self._stop,
                                                   self.pin_memory))
             self._thread.start()
-        weakref.finalize(self, self._stop.set)
+        # Runs when the sampler is dropped, on close(), and at interpreter exit (finalizers run before daemon
+        # threads are killed): a prefetch thread caught mid-batch at shutdown can abort the interpreter.
+        self._finalizer = weakref.finalize(self, _stop_prefetch, self._stop, self._thread)
 
     def _loader_iter(self, num_workers: int, prefetch: int) -> Iterator[tuple]:
         import torch.utils.data as tud
@@ -298,9 +306,7 @@ class MicroBatchSampler:
         return item
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread.is_alive():
-            self._thread.join(timeout=5)
+        self._finalizer()
         self._iter = None
 
 

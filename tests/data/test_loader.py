@@ -178,3 +178,40 @@ def test_dropped_sampler_stops_its_thread():
     while threading.active_count() > before and time.time() < deadline:
         time.sleep(0.05)
     assert threading.active_count() == before
+
+
+def test_interpreter_exit_waits_for_the_prefetch_thread(tmp_path):
+    """A sampler never closed: at exit the prefetch thread finishes the batch it is assembling and stops,
+    instead of being killed inside dataset code (inside a torch op that can abort the interpreter)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    log = tmp_path / "log"
+    script = textwrap.dedent(f"""
+        import time
+        import numpy as np
+        from megatrain.data.loader import build_micro_batches
+
+        class Slow:
+            def __len__(self):
+                return 1000
+
+            def __getitem__(self, i):
+                with open({str(log)!r}, "a") as f:
+                    f.write("start\\n")
+                time.sleep(0.3)
+                with open({str(log)!r}, "a") as f:
+                    f.write("done\\n")
+                return np.zeros(6, dtype=np.int64)
+
+        it = build_micro_batches(Slow(), micro_batch_size=1, global_batch_size=1, dp_rank=0, dp_size=1,
+                                 consumed_samples=0)
+        next(it)
+        time.sleep(0.1)  # the thread is inside __getitem__ of a later sample when the script ends
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0, out.stderr
+    lines = log.read_text().split()
+    assert lines.count("start") >= 2 and lines.count("start") == lines.count("done"), lines

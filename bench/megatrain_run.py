@@ -65,19 +65,13 @@ def build(a: argparse.Namespace, cfg):
     single_process_env()
     torch.cuda.set_device(0)
     deepspeed.init_distributed(dist_backend="nccl")
-    mode = kernels.configure_kernels(a.kernels, a.attention)
     if a.igu:
         _patch_ds_config({"bf16": {"immediate_grad_update": True}})
     st = ParallelState.build(1, 1)
-    built = build_engine(cfg, st, torch.device("cuda", 0))
-    _rope_tables_on_cpu(built.module)
-    if a.ckpt == "selective":
-        _selective_blocks(built.module)
-    if a.compile:
-        from megatrain.kernels.compile import apply_compile
-
-        apply_compile(built.module, cfg.train.seq_len)
-    return built, mode
+    built = build_engine(cfg, st, torch.device("cuda", 0))  # selects kernels from train.fused_kernels
+    # The SDPA backend order has no config key: apply the bench's choice after the engine's default.
+    mode = kernels.configure_kernels(a.kernels, a.attention)
+    return built, mode  # train.compile and train.activation_checkpointing were applied by build_engine
 
 
 def _patch_ds_config(extra: dict) -> None:
@@ -93,25 +87,6 @@ def _patch_ds_config(extra: dict) -> None:
         return ds
 
     eng.build_ds_config = patched
-
-
-def _selective_blocks(module) -> None:
-    """What the proposed Block.forward patch does for activation_checkpointing=selective (the model file
-    is the lead's; docs/perf-notes.md has the patch): run each block under the selective policy."""
-    from megatrain.kernels.checkpointing import selective_checkpoint
-    from megatrain.model.llama import Block
-
-    for blk in (m for m in module.modules() if isinstance(m, Block)):
-        blk.forward = (lambda b: lambda x: selective_checkpoint(b._forward, x))(blk)
-
-
-def _rope_tables_on_cpu(module) -> None:
-    """Work around Rotary.tables mixing devices when the model was built under ``torch.device('cuda')``
-    (inv_freq on the GPU, positions on the CPU); the fix belongs in llama.py (see docs/perf-notes.md)."""
-    for m in module.modules():
-        rot = getattr(m, "rotary", None)
-        if rot is not None and rot.inv_freq.device.type != "cpu":
-            rot.inv_freq = rot.inv_freq.cpu()
 
 
 def estimate_gib(cfg) -> float | None:

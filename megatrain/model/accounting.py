@@ -41,7 +41,9 @@ def estimate_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int, tp: int
     without sequence parallelism and with flash attention (no s^2 term): s*b*h*(10 + 24/t) bytes in
     16-bit (doubled in fp32); 1F1B keeps ``pp`` micro-batches in flight on the first stage, which
     holds L/pp layers, so the stage holds about L layers' worth. Full recomputation keeps only each
-    layer's input plus one layer's working set."""
+    layer's input plus one layer's working set. Selective recomputation (megatrain/kernels/checkpointing.py)
+    keeps the layer input and the outputs of every GEMM and of attention: q/k/v, the attention output,
+    the output projection, gate and up, and the down projection."""
     n = num_params(cfg)
     per_rank = (n["total"] - n["embedding"] - n["head"]) / (tp * pp) + (n["embedding"] + n["head"]) / tp / min(pp, 2)
     half = precision in ("bf16", "fp16")
@@ -59,6 +61,10 @@ def estimate_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int, tp: int
     per_layer = s * b * h * (10 + 24 / tp) * act_scale
     if checkpointing == "full":
         acts = cfg.num_layers * 2 * s * b * h * act_scale + per_layer
+    elif checkpointing == "selective":
+        qkv = (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim
+        saved = (qkv + h + 2 * cfg.ffn_size) / tp + 3 * h  # column-parallel outputs split; row-parallel full
+        acts = cfg.num_layers * s * b * saved * 2 * act_scale + per_layer
     else:
         acts = cfg.num_layers * per_layer
     from megatrain.parallel.cross_entropy import auto_chunk_tokens

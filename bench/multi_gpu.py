@@ -139,7 +139,8 @@ def run_curves(args, data: str, out: Path, env: dict) -> dict:
         if gpus < n:
             continue
         run = out / "runs" / name
-        res[name] = torchrun(gpus, base(args, data, run, args.steps) + extra, out / f"{name}.log", env)
+        res[name] = torchrun(gpus, base(args, data, run, args.steps) + extra + args.curve_extra, out / f"{name}.log",
+                             env)
         res[name]["losses"] = losses(run)
     ref = res.get("1gpu", {}).get("losses", [])
     for name in res:
@@ -309,6 +310,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--curve-batch", type=int, default=64, help="global batch (sequences of 1024) of the curves")
     p.add_argument("--curve-lr", type=float, default=2e-4, help="peak learning rate of the curves")
+    p.add_argument("--curve-extra", nargs="*", default=[],
+                   help="overrides added to every curve run, e.g. train.deterministic=true")
     p.add_argument("--big-steps", type=int, default=10, help="steps of each big-model run")
     p.add_argument("--big-names", default="", help="only these big-model runs (comma-separated names)")
     p.add_argument("--offload-steps", type=int, default=4, help="steps of each offload run")

@@ -51,49 +51,28 @@ start_munge() {
 }
 
 SLURM_CONF=/etc/slurm/slurm.conf
+# shellcheck source=.ci/slurm_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/slurm_common.sh"
 NODE=$(hostname -s)
 CPUS=${MEGATRAIN_SLURM_CPUS:-$(( $(nproc) > 8 ? $(nproc) : 8 ))}
 
 write_slurm_conf() {
   # A one-node cluster with the controller and the compute daemon on this host.
-  # SlurmdParameters=config_overrides lets the node advertise more CPUs than it has, so
-  # several tiny 2-task test jobs can share a 2-core CI machine instead of queueing.
-  # proctrack/linuxproc + task/none need no cgroups (containers rarely delegate them).
-  # MinJobAge=4 (seconds a finished job stays listed) makes `sbatch --wait` poll every 2 s
-  # instead of backing off to 32 s and more (it backs off only while below MinJobAge / 2).
   local tmp
   tmp=$(mktemp)
   cat >"$tmp" <<CONF
 # Written by megatrain's .ci/setup_services.sh: one-node test cluster. Do not use in production.
 ClusterName=megatrain-ci
 SlurmctldHost=${NODE}(127.0.0.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-ReturnToService=2
-SlurmdParameters=config_overrides
+$(slurm_common_settings)
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
 JobRequeue=1
-KillWait=5
-MinJobAge=4
-SlurmdTimeout=60
 InactiveLimit=0
-Waittime=0
 NodeName=${NODE} NodeAddr=127.0.0.1 CPUs=${CPUS} State=UNKNOWN
 PartitionName=ci Nodes=${NODE} Default=YES MaxTime=INFINITE State=UP
 CONF

@@ -123,13 +123,20 @@ def max_rel(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
+def common(data: str, run: Path, steps: int, interval: int) -> list[str]:
+    """What every run here shares: the data, a fresh run directory, no evaluation, samples or final save."""
+    return [f"data.path={data}", "data.split=100,0,0", f"run.dir={run}", f"train.max_steps={steps}",
+            "train.resume=never", f"logging.interval={interval}", "eval.steps=0", "eval.sample_tokens=0",
+            "checkpoint.save_at_end=false"]
+
+
 def base(args, data: str, run: Path, steps: int) -> list[str]:
+    """The curve runs' model and schedule (the debug model in fp32 with --cpu-smoke)."""
     model = DEBUG if args.cpu_smoke else MODEL_350M
-    return model + [f"data.path={data}", "data.split=100,0,0", f"run.dir={run}", f"train.max_steps={steps}",
-                    f"train.seq_len={128 if args.cpu_smoke else 1024}", f"train.global_batch_size={args.curve_batch}",
-                    "train.resume=never", "logging.interval=1", "eval.steps=0", "eval.sample_tokens=0",
-                    "checkpoint.save_at_end=false", f"optimizer.lr={args.curve_lr}", "schedule.warmup_steps=10",
-                    f"train.precision={'fp32' if args.cpu_smoke else 'bf16'}"]
+    return model + common(data, run, steps, 1) + [
+        f"train.seq_len={128 if args.cpu_smoke else 1024}", f"train.global_batch_size={args.curve_batch}",
+        f"optimizer.lr={args.curve_lr}", "schedule.warmup_steps=10",
+        f"train.precision={'fp32' if args.cpu_smoke else 'bf16'}"]
 
 
 def run_curves(args, data: str, out: Path, env: dict) -> dict:
@@ -158,7 +165,7 @@ def _speed(run: Path, r: dict, skip: int = 2) -> dict:
     recs = records(run)[skip:] if r.get("exit") == 0 else []
     for key in ("tokens_per_s", "tflops", "mfu", "mem_gib"):
         vals = [x[key] for x in recs if x.get(key) is not None]
-        r[key] = float(np.median(vals)) if vals and key != "mem_gib" else (max(vals) if vals else None)
+        r[key] = None if not vals else max(vals) if key == "mem_gib" else float(np.median(vals))
     pipe = [x for x in recs if "pipe_bubble" in x]
     if pipe:
         for key in ("pipe_bubble", "pipe_bubble_step", "pipe_compute_ms", "pipe_update_ms", "pipe_step_ms",
@@ -166,12 +173,6 @@ def _speed(run: Path, r: dict, skip: int = 2) -> dict:
             r[key] = np.median([x[key] for x in pipe], axis=0).round(4).tolist()
         r["pipe_bubble_theory"] = pipe[0]["pipe_bubble_theory"]
     return r
-
-
-def _big_common(data: str, run: Path, steps: int) -> list[str]:
-    return [f"data.path={data}", "data.split=100,0,0", f"run.dir={run}", f"train.max_steps={steps}",
-            "train.resume=never", "logging.interval=2", "eval.steps=0", "eval.sample_tokens=0",
-            "checkpoint.save_at_end=false", "train.precision=bf16"]
 
 
 def run_big(args, data: str, out: Path, env: dict) -> dict:
@@ -184,13 +185,14 @@ def run_big(args, data: str, out: Path, env: dict) -> dict:
         if args.big_names and name not in args.big_names.split(","):
             continue
         run = out / "runs" / name
-        if "model.preset=llama3-8b" in extra and not args.cpu_smoke:
-            extra = extra + [f"data.path={data_l3}"]
         if args.cpu_smoke:  # the same layouts on the debug model
             extra = DEBUG + [x for x in extra if not x.startswith(("model.", "train.seq_len", "train.micro",
                                                                      "train.global"))] + [
                 "train.seq_len=128", "train.micro_batch_size=2", "train.global_batch_size=16"]
-        res[name] = _speed(run, torchrun(n, _big_common(data, run, args.big_steps) + extra, out / f"{name}.log", env))
+        elif "model.preset=llama3-8b" in extra:
+            extra = extra + [f"data.path={data_l3}"]
+        over = common(data, run, args.big_steps, 2) + ["train.precision=bf16"] + extra
+        res[name] = _speed(run, torchrun(n, over, out / f"{name}.log", env))
     return res
 
 
@@ -199,11 +201,11 @@ def run_offload(args, data: str, out: Path, env: dict) -> dict:
     res = {}
     for name, mb, extra in OFFLOAD:
         run = out / "runs" / name
-        offload = ["deepspeed.zero_stage=3", "deepspeed.offload=all", "logging.interval=1",
-                   f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}"]
-        over = _big_common(data, run, args.offload_steps) + extra + offload + ["train.seq_len=2048"]
+        offload = ["deepspeed.zero_stage=3", "deepspeed.offload=all", f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}"]
+        over = common(data, run, args.offload_steps, 1) + ["train.precision=bf16"] + extra + offload + [
+            "train.seq_len=2048"]
         if args.cpu_smoke:
-            over = _big_common(data, run, 3) + DEBUG + offload + ["train.seq_len=128", "train.precision=fp32"]
+            over = common(data, run, 3, 1) + DEBUG + offload + ["train.seq_len=128", "train.precision=fp32"]
         r = _speed(run, torchrun(1, over, out / f"{name}.log", env, timeout=420), skip=1)
         res[name] = r
         if r.get("exit") != 0:
@@ -257,18 +259,13 @@ def run_scaling(args, data: str, out: Path, env: dict) -> dict:
     res = {}
     for n in (1, 2, 4):
         run = out / "runs" / f"scale_{n}"
-        over = ["model.preset=tinyllama-1.1b", f"data.path={data}", "data.split=100,0,0", f"run.dir={run}",
-                "train.max_steps=14", "train.seq_len=2048", "train.micro_batch_size=8",
-                f"train.global_batch_size={8 * n}", "train.resume=never", "logging.interval=2", "eval.steps=0",
-                "eval.sample_tokens=0", "checkpoint.save_at_end=false", "deepspeed.zero_stage=1",
-                "train.precision=bf16"] + [f"train.{kv}" for kv in args.mt_train]
+        over = ["model.preset=tinyllama-1.1b"] + common(data, run, 14, 2) + [
+            "train.seq_len=2048", "train.micro_batch_size=8", f"train.global_batch_size={8 * n}",
+            "deepspeed.zero_stage=1", "train.precision=bf16"] + [f"train.{kv}" for kv in args.mt_train]
         if args.cpu_smoke:
             over = base(args, data, run, 6) + ["train.micro_batch_size=2", f"train.global_batch_size={2 * n}"]
-        r = torchrun(n, over, out / f"scale_{n}.log", env)
-        recs = records(run)[2:] if r.get("exit") == 0 else []  # drop the warm-up intervals
-        r["tokens_per_s"] = float(np.median([x["tokens_per_s"] for x in recs])) if recs else None
+        r = _speed(run, torchrun(n, over, out / f"scale_{n}.log", env))  # drops the two warm-up intervals
         r["tokens_per_s_per_gpu"] = r["tokens_per_s"] / n if r["tokens_per_s"] else None
-        r["mfu"] = float(np.median([x["mfu"] for x in recs])) if recs and recs[0].get("mfu") else None
         res[n] = r
     one = res[1]["tokens_per_s_per_gpu"]
     for n in res:

@@ -35,11 +35,11 @@ CATEGORIES = {"ForwardPass": "forward", "BackwardPass": "backward", "ReduceGrads
 FIELDS = ("step", "forward", "backward", "reduce", "optimizer", "load", "p2p")
 
 
-def bubble_fraction(step: float, compute: float, reduce: float, optimizer: float) -> float:
-    """Time outside compute, gradient reduction and the optimizer step, relative to compute."""
+def bubble_fraction(step: float, compute: float, update: float) -> float:
+    """Time outside compute and the update (gradient reduction + optimizer step), relative to compute."""
     if compute <= 0:
         return float("nan")
-    return max(0.0, step - compute - reduce - optimizer) / compute
+    return max(0.0, step - compute - update) / compute
 
 
 class _Clock:
@@ -121,21 +121,18 @@ class PipelineTimer:
         self.steps = 0
         mine = torch.tensor([totals[f] / steps for f in FIELDS], dtype=torch.float64, device=self.device)
         stages = [torch.zeros_like(mine) for _ in range(self.pp_size)]
-        if self.pp_group is not None and self.pp_size > 1:
-            dist.all_gather(stages, mine, group=self.pp_group)
-        else:
-            stages = [mine]
+        dist.all_gather(stages, mine, group=self.pp_group)  # the config allows the timer only with PP > 1
         rows = [dict(zip(FIELDS, s.tolist())) for s in stages]
         compute = [r["forward"] + r["backward"] for r in rows]
-        bubble = [bubble_fraction(r["step"], c, r["reduce"], r["optimizer"]) for r, c in zip(rows, compute)]
         update = [r["reduce"] + r["optimizer"] for r in rows]
+        bubble = [bubble_fraction(r["step"], c, u) for r, c, u in zip(rows, compute, update)]
         step = max(r["step"] for r in rows)
         return {"pipe_step_ms": [round(r["step"], 2) for r in rows],
                 "pipe_compute_ms": [round(c, 2) for c in compute],
                 "pipe_update_ms": [round(u, 2) for u in update],
                 "pipe_p2p_ms": [round(r["p2p"], 2) for r in rows],
                 "pipe_bubble": [round(b, 4) for b in bubble],
-                "pipe_bubble_step": round(bubble_fraction(step, max(compute), min(update), 0.0), 4),
+                "pipe_bubble_step": round(bubble_fraction(step, max(compute), min(update)), 4),
                 "pipe_bubble_theory": round((self.pp_size - 1) / self.micro_batches, 4)}
 
 

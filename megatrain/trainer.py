@@ -18,6 +18,7 @@ from megatrain.engine import Built, lr_at
 from megatrain.metrics import MetricsSink, device_peak_tflops, format_step_line, peak_memory_gib
 from megatrain.model.accounting import flops_per_token
 from megatrain.parallel.state import ParallelState
+from megatrain.pipe_timing import PipelineTimer, format_report
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,6 @@ class Trainer:
         self.guard = res.StepGuard(self.engine, cfg.train, built.plan.grad_accum, built.is_pipeline, device)
         self.pipe_timer = None
         if cfg.logging.pipeline_timing and built.is_pipeline:
-            from megatrain.pipe_timing import PipelineTimer
-
             self.pipe_timer = PipelineTimer(self.engine, device, st.pp_group, st.pp_size, built.plan.grad_accum)
 
     # ------------------------------------------------------------------ data
@@ -203,8 +202,6 @@ class Trainer:
             rec["skipped"] = self.guard.counters.skipped
         log.info(format_step_line(rec, self.cfg.train.max_steps, elapsed, eta))
         if self.pipe_timer is not None:  # collective over the pipeline group: every rank logs at this step
-            from megatrain.pipe_timing import format_report
-
             rec.update(self.pipe_timer.report())
             log.info(format_report(rec))
         self.metrics.write(rec)

@@ -51,3 +51,12 @@ def write_jsonl(path: str, texts: list[str], key: str = "text") -> str:
     return path
 
 
+def logging_calls(fn, log_path):
+    """``fn`` wrapped to append a line to ``log_path`` per call: counts calls across forked processes."""
+
+    def wrapper(*args, **kwargs):
+        with open(log_path, "a") as f:
+            f.write("built\n")
+        return fn(*args, **kwargs)
+
+    return wrapper

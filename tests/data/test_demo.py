@@ -14,6 +14,7 @@ from megatrain.data import demo
 from megatrain.data.indexed import IndexedDataset, read_sidecar
 from megatrain.data.loader import build_datasets, data_fingerprint
 from megatrain.data.tokenizer import Tokenizer
+from tests.data.helpers import logging_calls
 
 
 def _prepare(cache_dir):
@@ -26,13 +27,7 @@ def demo_dir(tmp_path_factory):
     cache_dir = str(root / "demo")
     log = root / "builds.log"
     real = demo._build_demo
-
-    def counting(*a, **k):
-        with open(log, "a") as f:
-            f.write("built\n")
-        return real(*a, **k)
-
-    demo._build_demo = counting
+    demo._build_demo = logging_calls(real, log)
     try:
         with mp.get_context("fork").Pool(2) as pool:  # two "ranks" asking at once
             results = pool.map(_prepare, [cache_dir, cache_dir])

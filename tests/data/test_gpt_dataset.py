@@ -11,7 +11,7 @@ import pytest
 from megatrain.data import gpt_dataset
 from megatrain.data.gpt_dataset import GPTDataset, build_sample_index, num_epochs_for, split_ranges
 from megatrain.data.indexed import IndexedDataset
-from tests.data.helpers import position_dataset
+from tests.data.helpers import logging_calls, position_dataset
 
 SEQ = 7
 
@@ -120,14 +120,7 @@ def test_concurrent_ranks_build_once(tmp_path, monkeypatch):
     lengths = _lengths(4)
     position_dataset(str(tmp_path / "pos"), lengths)
     log = tmp_path / "builds.log"
-    real = gpt_dataset.build_sample_index
-
-    def counting(*a, **k):
-        with open(log, "a") as f:
-            f.write("built\n")
-        return real(*a, **k)
-
-    monkeypatch.setattr(gpt_dataset, "build_sample_index", counting)
+    monkeypatch.setattr(gpt_dataset, "build_sample_index", logging_calls(gpt_dataset.build_sample_index, log))
     with mp.get_context("fork").Pool(3) as pool:
         results = pool.map(_build_in_child, [tmp_path] * 3)
     assert len(set(results)) == 1

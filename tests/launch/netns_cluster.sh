@@ -23,6 +23,8 @@ ADDR_A=$NET.1 ADDR_B=$NET.2
 CONF=$DIR/slurm.conf
 
 log() { echo "[netns_cluster] $*" >&2; }
+# shellcheck source=.ci/slurm_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../.ci/slurm_common.sh"
 
 write_config() {
   mkdir -p "$DIR/ctld" "$DIR/spool-$HOST_A" "$DIR/spool-$HOST_B"
@@ -30,31 +32,13 @@ write_config() {
 # Two-node test cluster in network namespaces (tests/launch/netns_cluster.sh)
 ClusterName=mt${ID}
 SlurmctldHost=${HOST_A}(${ADDR_A})
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-ReturnToService=2
-SlurmdParameters=config_overrides
+$(slurm_common_settings)
 StateSaveLocation=$DIR/ctld
 SlurmdSpoolDir=$DIR/spool-%n
 SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmctldLogFile=$DIR/slurmctld.log
 SlurmdLogFile=$DIR/slurmd-%n.log
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-KillWait=5
-MinJobAge=4
-SlurmdTimeout=60
-Waittime=0
 NodeName=${HOST_A} NodeAddr=${ADDR_A} CPUs=4 State=UNKNOWN
 NodeName=${HOST_B} NodeAddr=${ADDR_B} CPUs=4 State=UNKNOWN
 PartitionName=two Nodes=${HOST_A},${HOST_B} Default=YES MaxTime=INFINITE State=UP

@@ -72,11 +72,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO
     args = build_parser().parse_args(argv)
+    # The only place that writes to the terminal: convert() returns its summary or raises.
     try:
-        return convert(args)
+        summary = convert(args)
+    except VerificationFailed as e:
+        sys.stderr.write("".join(f"  {line}\n" for line in e.mismatches) + f"error: {e}\n")
+        return EXIT_VERIFY_FAILED
     except (ConversionError, layout.CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")
         return EXIT_USAGE
+    sys.stdout.write(summary + "\n")
+    return EXIT_OK
+
+
+class VerificationFailed(Exception):
+    """The written output does not reproduce the source; nothing was installed."""
+
+    def __init__(self, message: str, mismatches: list[str]):
+        super().__init__(message)
+        self.mismatches = mismatches
 
 
 # --------------------------------------------------------------------------- steps
@@ -268,7 +282,9 @@ def run_verify(args: argparse.Namespace, src: Source, tmp: Path, dtype: Optional
 # --------------------------------------------------------------------------- the command
 
 
-def convert(args: argparse.Namespace) -> int:
+def convert(args: argparse.Namespace) -> str:
+    """Write the output under a temporary name, verify it, rename it into place; returns a one-line summary.
+    Raises VerificationFailed (nothing installed) or a ConversionError / CheckpointError / ConfigError."""
     check_args(args)
     out = Path(args.output)
     check_output(out, args.overwrite)
@@ -282,11 +298,8 @@ def convert(args: argparse.Namespace) -> int:
         count, nbytes = write_output(args, src, tmp, dtype, tok_path, tok)
         result = run_verify(args, src, tmp, dtype, tok) if args.verify else None
         if result is not None and not result.ok:
-            for line in result.mismatches:
-                print(f"  {line}", file=sys.stderr)
-            print(f"error: verification failed: {result.summary()}; nothing was written to {out} "
-                  f"(rerun with --no-verify to write it anyway)", file=sys.stderr)
-            return EXIT_VERIFY_FAILED
+            raise VerificationFailed(f"verification failed: {result.summary()}; nothing was written to {out} "
+                                     f"(rerun with --no-verify to write it anyway)", result.mismatches)
         install(tmp, out)
     finally:
         _remove(tmp)
@@ -294,9 +307,8 @@ def convert(args: argparse.Namespace) -> int:
     what = args.outtype if args.to == "gguf" else str(dtype or src.dtype).replace("torch.", "")
     topo = f" tp={args.tp} pp={args.pp}" if args.to == "megatrain" else ""
     check = f"; verify: {result.summary()}" if result is not None else "; not verified"
-    print(f"{src.describe()} -> {args.to}[{what}{topo}] {out}: {count} tensors, {nbytes / 1e6:.1f} MB in "
-          f"{secs:.1f} s ({nbytes / 1e6 / max(secs, 1e-9):.1f} MB/s){check}")
-    return EXIT_OK
+    return (f"{src.describe()} -> {args.to}[{what}{topo}] {out}: {count} tensors, {nbytes / 1e6:.1f} MB in "
+            f"{secs:.1f} s ({nbytes / 1e6 / max(secs, 1e-9):.1f} MB/s){check}")
 
 
 if __name__ == "__main__":

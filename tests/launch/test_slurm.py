@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.launch.conftest import (PROBE, REPO, assert_same_losses, clean_env, debug_train_args, excerpt, run,
@@ -71,6 +72,17 @@ def test_srun_with_inconsistent_world_size_fails_fast(tmp_path, slurm):
     assert "unset WORLD_SIZE" in res.stdout
 
 
+def _controller_log(job_id: str) -> str:
+    """slurmctld's log lines about one job (why a start was refused, say), for failure messages."""
+    res = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True)
+    found = re.search(r"^SlurmctldLogFile\s*=\s*(\S+)", res.stdout, re.M)
+    path = Path(found.group(1)) if found else None
+    if path is None or not path.is_file():
+        return "(slurmctld log not found)"
+    mine = re.compile(rf"JobId={job_id}\b")
+    return "\n".join([ln for ln in path.read_text(errors="replace").splitlines() if mine.search(ln)][-20:])
+
+
 def _job_state(job_id: str) -> dict:
     res = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
     if res.returncode != 0:  # purged: finished more than MinJobAge seconds ago
@@ -97,7 +109,11 @@ def test_preempted_job_saves_requeues_and_resumes(tmp_path, slurm):
         subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
         wait_for(lambda: (s := _job_state(job_id)).get("Restarts") == "1" and s.get("JobState") == "PENDING",
                  120, f"job {job_id} to be requeued (does the trainer save and exit {REQUEUE_EXIT_CODE} on SIGUSR1?)")
-        # Slurm holds a requeued job for about two minutes (BeginTime); the test need not wait.
+        # Slurm holds a requeued job for about two minutes (BeginTime); the test need not wait that
+        # long, but must let a second or two pass: slurmd revoked the job's credential when it ended the
+        # first run, at one-second resolution, and rejects a new start of the same job id in that second
+        # ("Killing non-startable batch JobId=...: Job credential revoked" in slurmctld.log, exit 1:0).
+        time.sleep(2.5)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
         final = wait_for(lambda: (s := _job_state(job_id)).get("JobState") in _FINISHED and s, 300,
                          f"job {job_id} to finish after the requeue")
@@ -106,7 +122,7 @@ def test_preempted_job_saves_requeues_and_resumes(tmp_path, slurm):
     text = job_log(tmp_path)
     if final["JobState"] != "GONE":  # else the job log below must tell
         assert (final["JobState"], final["ExitCode"], final["Restarts"]) == ("COMPLETED", "0:0", "1"), \
-            describe_failure(tmp_path, logs)
+            f"{describe_failure(tmp_path, logs)}\n--- slurmctld on job {job_id}\n{_controller_log(job_id)}"
     assert f"asked to be requeued (exit {REQUEUE_EXIT_CODE}); requeueing job {job_id}" in text
     assert "(restart 1)" in text and "training finished" in text
     losses = train_losses(run_dir)

@@ -20,7 +20,7 @@ STEPS = 8
 
 
 def _args(data: str, run: Path, *extra: str) -> list[str]:
-    # DP=2; a checkpoint only every 3 steps, so the one the preemption writes is its own.
+    # DP=2; a checkpoint every 3 steps (one is there before a kill at step 4).
     return run_args(data, run, "checkpoint.interval=3", *extra, steps=STEPS)
 
 
@@ -53,7 +53,9 @@ def test_kill9_of_both_ranks_then_auto_resume(zygote, pattern_dataset, tmp_path,
 
 def test_sigterm_to_one_rank_saves_same_step_everywhere_and_resumes_exactly(zygote, pattern_dataset, tmp_path, ref):
     run, log = tmp_path / "run", tmp_path / "log"
-    pids = start_ranks(zygote, _args(pattern_dataset, run), log, world=2)
+    # No scheduled save before the end: whichever step the signal stops at, its checkpoint is the preemption's.
+    args = _args(pattern_dataset, run, f"checkpoint.interval={STEPS}")
+    pids = start_ranks(zygote, args, log, world=2)
     wait_for_step(run, 4, 0, zygote, pids)
     os.kill(pids[1], signal.SIGTERM)
     codes = [zygote.wait(p, 120) for p in pids]
@@ -63,11 +65,11 @@ def test_sigterm_to_one_rank_saves_same_step_everywhere_and_resumes_exactly(zygo
     step = int(stopped[0][0])
     assert "rank 1 received SIGTERM" in Path(f"{log}.rank1").read_text()
     ckpt = run / "checkpoints" / layout.tag_for_step(step)
-    assert layout.is_complete(ckpt) and layout.list_checkpoints(run / "checkpoints")[-1] == ckpt
+    assert layout.is_complete(ckpt) and layout.list_checkpoints(run / "checkpoints") == [ckpt]
     assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank00000.pt", "rank00001.pt"]
-    assert step < STEPS and step % 3, "the preemption checkpoint should be its own, not a scheduled one"
+    assert step < STEPS
 
-    assert run_to_end(zygote, _args(pattern_dataset, run), log, world=2) == [0, 0]
+    assert run_to_end(zygote, args, log, world=2) == [0, 0]
     assert f"resumed from {ckpt}" in Path(f"{log}.rank0").read_text()
     _assert_continues_exactly(run, ref)
 

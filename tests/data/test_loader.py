@@ -208,7 +208,9 @@ def test_interpreter_exit_waits_for_the_prefetch_thread(tmp_path):
         it = build_micro_batches(Slow(), micro_batch_size=1, global_batch_size=1, dp_rank=0, dp_size=1,
                                  consumed_samples=0)
         next(it)
-        time.sleep(0.1)  # the thread is inside __getitem__ of a later sample when the script ends
+        deadline = time.time() + 30  # until the thread is inside __getitem__ of a later sample; then the script ends
+        while open({str(log)!r}).read().count("start") < 2 and time.time() < deadline:
+            time.sleep(0.01)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))

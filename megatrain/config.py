@@ -27,10 +27,40 @@ class ConfigError(ValueError):
     """A user-fixable problem in the run configuration; the message names the field."""
 
 
-def _f(default: Any, doc: str, **kw: Any) -> Any:
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field: ``lo``/``hi`` bounds, each inclusive unless marked open."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def holds(self, v: float) -> bool:
+        return ((self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
+                and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
+
+    def __str__(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {num(self.hi)}"
+        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+POSITIVE = Range(0, lo_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)  # [0, 1]
+
+
+def _f(default: Any, doc: str, range: Optional[Range] = None) -> Any:  # noqa: A002 (reads best at call sites)
+    meta = {"doc": doc} if range is None else {"doc": doc, "range": range}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc}, **kw)
-    return field(default=default, metadata={"doc": doc}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def _sub(cls: type, doc: str) -> Any:
@@ -44,10 +74,10 @@ def _sub(cls: type, doc: str) -> Any:
 class RopeScalingConfig:
     """Llama-3.1 style frequency-dependent RoPE scaling (``rope_type: llama3``)."""
 
-    factor: float = _f(8.0, "how much longer than the original context the model is meant to read")
-    low_freq_factor: float = _f(1.0, "wavelengths longer than original_max / low_freq_factor are scaled by 1/factor")
-    high_freq_factor: float = _f(4.0, "wavelengths shorter than original_max / high_freq_factor are kept")
-    original_max_position_embeddings: int = _f(8192, "context length the unscaled model was trained at")
+    factor: float = _f(8.0, "how much longer than the original context the model is meant to read", POSITIVE)
+    low_freq_factor: float = _f(1.0, "wavelengths longer than original_max / low_freq_factor are scaled by 1/factor", POSITIVE)
+    high_freq_factor: float = _f(4.0, "wavelengths shorter than original_max / high_freq_factor are kept", POSITIVE)
+    original_max_position_embeddings: int = _f(8192, "context length the unscaled model was trained at", POSITIVE)
 
 
 @dataclass
@@ -55,21 +85,21 @@ class ModelConfig:
     """LLaMA architecture. ``preset`` fills every field the run did not set itself."""
 
     preset: Optional[str] = _f(None, "named shape (debug, demo, llama2-7b, llama3-8b, tinyllama-1.1b, ...)")
-    hidden_size: int = _f(256, "model width C")
-    num_layers: int = _f(4, "number of transformer blocks")
-    num_heads: int = _f(8, "query heads per layer")
-    num_kv_heads: Optional[int] = _f(None, "key/value heads (grouped-query attention); None means num_heads")
-    ffn_hidden_size: Optional[int] = _f(None, "SwiGLU inner width; None derives it from multiple_of and ffn_dim_multiplier as LLaMA does")
-    multiple_of: int = _f(256, "the derived FFN width is rounded up to a multiple of this")
-    ffn_dim_multiplier: Optional[float] = _f(None, "scales the derived FFN width (LLaMA-2 70B: 1.3, LLaMA-3: 1.3 / 1.5)")
-    vocab_size: int = _f(32000, "vocabulary size; must match the tokenizer and the dataset sidecar")
-    norm_eps: float = _f(1e-5, "RMSNorm epsilon")
-    rope_theta: float = _f(10000.0, "RoPE base frequency")
+    hidden_size: int = _f(256, "model width C", POSITIVE)
+    num_layers: int = _f(4, "number of transformer blocks", POSITIVE)
+    num_heads: int = _f(8, "query heads per layer", POSITIVE)
+    num_kv_heads: Optional[int] = _f(None, "key/value heads (grouped-query attention); None means num_heads", POSITIVE)
+    ffn_hidden_size: Optional[int] = _f(None, "SwiGLU inner width; None derives it from multiple_of and ffn_dim_multiplier as LLaMA does", POSITIVE)
+    multiple_of: int = _f(256, "the derived FFN width is rounded up to a multiple of this", POSITIVE)
+    ffn_dim_multiplier: Optional[float] = _f(None, "scales the derived FFN width (LLaMA-2 70B: 1.3, LLaMA-3: 1.3 / 1.5)", POSITIVE)
+    vocab_size: int = _f(32000, "vocabulary size; must match the tokenizer and the dataset sidecar", POSITIVE)
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon", POSITIVE)
+    rope_theta: float = _f(10000.0, "RoPE base frequency", POSITIVE)
     rope_scaling: Optional[RopeScalingConfig] = _f(None, "Llama-3.1 RoPE scaling; null for none")
-    max_seq_len: int = _f(2048, "longest sequence the RoPE tables are built for")
+    max_seq_len: int = _f(2048, "longest sequence the RoPE tables are built for", POSITIVE)
     tie_embeddings: bool = _f(False, "share the input embedding and the output head")
-    init_std: float = _f(0.02, "std of the normal init; residual output projections use init_std / sqrt(2 * num_layers)")
-    dropout: float = _f(0.0, "dropout on attention output and MLP output (LLaMA pretraining uses 0)")
+    init_std: float = _f(0.02, "std of the normal init; residual output projections use init_std / sqrt(2 * num_layers)", POSITIVE)
+    dropout: float = _f(0.0, "dropout on attention output and MLP output (LLaMA pretraining uses 0)", Range(0, 1, hi_open=True))
 
     @property
     def kv_heads(self) -> int:
@@ -94,10 +124,10 @@ class ModelConfig:
 class ParallelConfig:
     """How the world is cut: TP innermost, then DP, then PP. DP is what is left."""
 
-    tensor: int = _f(1, "tensor-parallel size (ranks that split every weight matrix)")
-    pipeline: int = _f(1, "pipeline-parallel size (stages)")
+    tensor: int = _f(1, "tensor-parallel size (ranks that split every weight matrix)", POSITIVE)
+    pipeline: int = _f(1, "pipeline-parallel size (stages)", POSITIVE)
     pipeline_partition: str = _f("parameters", "how blocks are placed on stages: parameters | uniform | type:<regex>")
-    activation_checkpoint_interval: int = _f(0, "pipeline only: checkpoint every N layers (0 = off)")
+    activation_checkpoint_interval: int = _f(0, "pipeline only: checkpoint every N layers (0 = off)", NON_NEGATIVE)
 
 
 @dataclass
@@ -108,7 +138,7 @@ class DataConfig:
     tokenizer: Optional[str] = _f(None, "sentencepiece .model file; checked against the dataset sidecar")
     split: str = _f("969,30,1", "train,valid,test weights over documents")
     cache_dir: Optional[str] = _f(None, "where sample indices are cached (.npy); default: next to the dataset")
-    num_workers: int = _f(0, "background processes that assemble batches (0 = in the training process, with a prefetch thread)")
+    num_workers: int = _f(0, "background processes that assemble batches (0 = in the training process, with a prefetch thread)", NON_NEGATIVE)
     verify: str = _f("sizes", "dataset check at start: sizes (index vs file sizes) | full (every token < vocab)")
 
 
@@ -116,61 +146,61 @@ class DataConfig:
 class OptimizerConfig:
     """AdamW. Norm weights and biases get no weight decay."""
 
-    lr: float = _f(3e-4, "peak learning rate")
-    min_lr: float = _f(3e-5, "learning rate at the end of the decay")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.95, "AdamW beta2")
-    eps: float = _f(1e-8, "AdamW epsilon")
-    weight_decay: float = _f(0.1, "decoupled weight decay (not applied to norms and biases)")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
+    lr: float = _f(3e-4, "peak learning rate", POSITIVE)
+    min_lr: float = _f(3e-5, "learning rate at the end of the decay", NON_NEGATIVE)
+    beta1: float = _f(0.9, "AdamW beta1", Range(0, 1, hi_open=True))
+    beta2: float = _f(0.95, "AdamW beta2", Range(0, 1, hi_open=True))
+    eps: float = _f(1e-8, "AdamW epsilon", POSITIVE)
+    weight_decay: float = _f(0.1, "decoupled weight decay (not applied to norms and biases)", NON_NEGATIVE)
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)", NON_NEGATIVE)
 
 
 @dataclass
 class ScheduleConfig:
     """Learning-rate schedule: linear warmup, then a decay to optimizer.min_lr."""
 
-    warmup_steps: int = _f(100, "linear warmup from 0 to the peak LR")
+    warmup_steps: int = _f(100, "linear warmup from 0 to the peak LR", NON_NEGATIVE)
     decay: str = _f("cosine", "cosine | linear | constant | wsd")
-    decay_steps: Optional[int] = _f(None, "steps from the start to the end of decay; None means train.max_steps")
-    wsd_decay_fraction: float = _f(0.2, "wsd: the final fraction of decay_steps spent cooling down linearly")
+    decay_steps: Optional[int] = _f(None, "steps from the start to the end of decay; None means train.max_steps", POSITIVE)
+    wsd_decay_fraction: float = _f(0.2, "wsd: the final fraction of decay_steps spent cooling down linearly", FRACTION)
 
 
 @dataclass
 class TrainConfig:
     """The step loop: batch shape, length, precision, resume and failure policies."""
 
-    max_steps: int = _f(1000, "optimizer steps to train")
-    seq_len: int = _f(256, "tokens per sample (inputs); each sample reads seq_len + 1 tokens")
-    micro_batch_size: int = _f(4, "samples per forward/backward on one data-parallel rank")
-    global_batch_size: Optional[int] = _f(None, "samples per optimizer step over all DP ranks; None = micro_batch x DP")
+    max_steps: int = _f(1000, "optimizer steps to train", POSITIVE)
+    seq_len: int = _f(256, "tokens per sample (inputs); each sample reads seq_len + 1 tokens", POSITIVE)
+    micro_batch_size: int = _f(4, "samples per forward/backward on one data-parallel rank", POSITIVE)
+    global_batch_size: Optional[int] = _f(None, "samples per optimizer step over all DP ranks; None = micro_batch x DP", POSITIVE)
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (bf16/fp16 keep fp32 masters)")
-    seed: int = _f(1234, "seeds weights, data order and dropout")
+    seed: int = _f(1234, "seeds weights, data order and dropout", Range(0, 2**32 - 1))
     resume: str = _f("auto", "auto (newest complete checkpoint, else fresh) | never | PATH")
     resume_allow_changes: list = _f([], "what may differ from the checkpoint: data, tokenizer, model, schedule, topology (a new TP/PP/DP without portable optimizer state: weights only)")
     deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible resume, slower)")
     nonfinite: str = _f("skip", "NaN/Inf loss or grad norm: skip (drop the update) | abort")
-    max_nonfinite_in_a_row: int = _f(10, "skip policy: abort after this many non-finite steps in a row")
-    spike_zscore: float = _f(0.0, "treat a loss this many std above the recent mean as a spike (0 = off)")
-    spike_window: int = _f(100, "steps of loss history for the spike z-score")
-    max_wall_time: Optional[float] = _f(None, "seconds: save and exit with the requeue code before this budget runs out")
+    max_nonfinite_in_a_row: int = _f(10, "skip policy: abort after this many non-finite steps in a row", POSITIVE)
+    spike_zscore: float = _f(0.0, "treat a loss this many std above the recent mean as a spike (0 = off)", NON_NEGATIVE)
+    spike_window: int = _f(100, "steps of loss history for the spike z-score", Range(2))
+    max_wall_time: Optional[float] = _f(None, "seconds: save and exit with the requeue code before this budget runs out", POSITIVE)
     activation_checkpointing: str = _f("none", "none | full | selective (recompute attention core + MLP activations)")
     fused_kernels: str = _f("auto", "auto (Triton on GPU, PyTorch elsewhere) | triton | torch")
     compile: bool = _f(False, "torch.compile each block")
     loss_chunk_tokens: int = _f(0, "tokens per chunk of the fused head + cross-entropy; 0 sizes chunks to ~256 MiB "
-                                   "of fp32 logits")
+                                   "of fp32 logits", NON_NEGATIVE)
 
 
 @dataclass
 class EvalConfig:
     """Validation loss and text samples."""
 
-    interval: int = _f(0, "evaluate on the valid split every N steps (0 = only at the end)")
-    steps: int = _f(10, "micro-batches per evaluation")
-    sample_interval: int = _f(0, "print generated text every N steps (0 = only at the end)")
+    interval: int = _f(0, "evaluate on the valid split every N steps (0 = only at the end)", NON_NEGATIVE)
+    steps: int = _f(10, "micro-batches per evaluation", NON_NEGATIVE)
+    sample_interval: int = _f(0, "print generated text every N steps (0 = only at the end)", NON_NEGATIVE)
     prompts: list = _f(["The "], "prompts for text samples")
-    sample_tokens: int = _f(32, "tokens generated per prompt")
-    top_p: float = _f(0.0, "nucleus sampling threshold (0 = greedy)")
-    temperature: float = _f(1.0, "sampling temperature (with top_p)")
+    sample_tokens: int = _f(32, "tokens generated per prompt", NON_NEGATIVE)
+    top_p: float = _f(0.0, "nucleus sampling threshold (0 = greedy)", FRACTION)
+    temperature: float = _f(1.0, "sampling temperature (with top_p)", POSITIVE)
 
 
 @dataclass
@@ -186,9 +216,9 @@ class DeepSpeedSection:
 class CheckpointConfig:
     """Saving cadence and integrity."""
 
-    interval: int = _f(0, "save every N steps (0 = only at the end)")
-    keep_last: int = _f(3, "keep the newest N checkpoints (0 = keep all)")
-    keep_every: int = _f(0, "additionally keep every checkpoint whose step is a multiple of this (0 = off)")
+    interval: int = _f(0, "save every N steps (0 = only at the end)", NON_NEGATIVE)
+    keep_last: int = _f(3, "keep the newest N checkpoints (0 = keep all)", NON_NEGATIVE)
+    keep_every: int = _f(0, "additionally keep every checkpoint whose step is a multiple of this (0 = off)", NON_NEGATIVE)
     verify: str = _f("sizes", "check the manifest at load: off | sizes | full (SHA-256 of every file)")
     save_at_end: bool = _f(True, "save when training finishes")
     portable_optimizer: bool = _f(True, "also save the AdamW state under canonical names (optim/): exact resume at another TP/PP/DP size or ZeRO stage; about as large as DeepSpeed's optimizer files")
@@ -198,7 +228,7 @@ class CheckpointConfig:
 class LoggingConfig:
     """Console, metrics.jsonl and wandb."""
 
-    interval: int = _f(10, "print and record metrics every N steps")
+    interval: int = _f(10, "print and record metrics every N steps", POSITIVE)
     level: str = _f("INFO", "log level of rank 0 (other ranks log warnings and errors)")
     all_ranks: bool = _f(False, "let every rank log at the chosen level")
     wandb_project: Optional[str] = _f(None, "wandb project; offline mode when no API key is set")
@@ -212,8 +242,8 @@ class DistributedConfig:
     """Process group and failure detection."""
 
     backend: str = _f("auto", "auto (nccl on GPU, gloo on CPU) | nccl | gloo")
-    timeout_s: float = _f(600.0, "a collective that waits longer than this ends the job with an error")
-    preflight_timeout_s: float = _f(60.0, "the start-up all-reduce must finish within this")
+    timeout_s: float = _f(600.0, "a collective that waits longer than this ends the job with an error", POSITIVE)
+    preflight_timeout_s: float = _f(60.0, "the start-up all-reduce must finish within this", POSITIVE)
 
 
 @dataclass
@@ -420,9 +450,11 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not p.is_file():
             raise ConfigError(f"--config {p}: no such file")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--config {p}: not UTF-8 text ({e.reason} at byte {e.start}); is it the right file?") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {p}: the top level must be a mapping of sections")
         tree = loaded
@@ -438,7 +470,7 @@ def config_from_tree(tree: dict) -> Config:
     model = tree.get("model") or {}
     preset = model.get("preset")
     if preset is not None:
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(f"model.preset: unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
         for k, v in PRESETS[preset].items():
             model.setdefault(k, v)
@@ -451,12 +483,17 @@ def config_from_tree(tree: dict) -> Config:
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Every check that needs only the config (and, when known, the world size)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    _positive(m, "model", ["hidden_size", "num_layers", "num_heads", "vocab_size", "max_seq_len"])
-    _positive(p, "parallel", ["tensor", "pipeline"])
-    _positive(t, "train", ["max_steps", "seq_len", "micro_batch_size"])
-    if cfg.optimizer.lr <= 0 or cfg.optimizer.min_lr < 0 or cfg.optimizer.min_lr > cfg.optimizer.lr:
-        raise ConfigError(f"optimizer.lr={cfg.optimizer.lr}, optimizer.min_lr={cfg.optimizer.min_lr}: need "
-                          f"0 <= min_lr <= lr and lr > 0")
+    _check_ranges(cfg)
+    if cfg.optimizer.min_lr > cfg.optimizer.lr:
+        raise ConfigError(f"optimizer.min_lr={cfg.optimizer.min_lr} exceeds optimizer.lr={cfg.optimizer.lr}: the "
+                          f"decay ends at min_lr, so it must be <= the peak")
+    if m.ffn_size <= 0:
+        raise ConfigError(f"the FFN width derived from model.multiple_of={m.multiple_of} and model.ffn_dim_multiplier="
+                          f"{m.ffn_dim_multiplier} is {m.ffn_size}; set model.ffn_hidden_size")
+    bad = [x for x in cfg.eval.prompts if not isinstance(x, str)]
+    if bad:
+        raise ConfigError(f"eval.prompts: every prompt must be a string, got {bad!r}; quote them in YAML")
+    _check_partition(p.pipeline_partition)
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     if m.num_kv_heads is not None and (m.num_kv_heads <= 0 or m.num_heads % m.num_kv_heads):
@@ -498,9 +535,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError("deepspeed.offload=all offloads parameters, which needs deepspeed.zero_stage=3")
     if cfg.deepspeed.offload == "optimizer" and cfg.deepspeed.zero_stage == 0:
         raise ConfigError("deepspeed.offload=optimizer needs deepspeed.zero_stage >= 1")
-    bad = set(t.resume_allow_changes) - {"data", "tokenizer", "model", "schedule", "topology"}
+    bad = [x for x in t.resume_allow_changes if x not in ("data", "tokenizer", "model", "schedule", "topology")]
     if bad:
-        raise ConfigError(f"train.resume_allow_changes: unknown item(s) {sorted(bad)}; "
+        raise ConfigError(f"train.resume_allow_changes: unknown item(s) {bad!r}; "
                           f"allowed: data, tokenizer, model, schedule, topology")
     if world_size is not None:
         validate_world(cfg, world_size)
@@ -513,10 +550,33 @@ def validate_world(cfg: Config, world_size: int) -> None:
                           f"{p.tensor} x {p.pipeline}; launch a multiple of {p.tensor * p.pipeline} processes")
 
 
-def _positive(section: Any, name: str, keys: list[str]) -> None:
-    for k in keys:
-        if getattr(section, k) <= 0:
-            raise ConfigError(f"{name}.{k}={getattr(section, k)} must be positive")
+def _check_ranges(section: Any, prefix: str = "") -> None:
+    """Every numeric field against the Range it declares; floats must also be finite."""
+    for f in dataclasses.fields(section):
+        v, key = getattr(section, f.name), prefix + f.name
+        if dataclasses.is_dataclass(v):
+            _check_ranges(v, key + ".")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            allowed = f.metadata.get("range")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{key}={v}: must be a finite number" + (f" {allowed}" if allowed else ""))
+            if allowed is not None and not allowed.holds(v):
+                raise ConfigError(f"{key}={v!r}: must be {allowed}")
+
+
+def _check_partition(spec: str) -> None:
+    """DeepSpeed's partition methods: parameters, uniform, type:<regex of layer class names>."""
+    import re
+
+    key = "parallel.pipeline_partition"
+    if spec.lower() in ("parameters", "uniform"):
+        return
+    if not spec.lower().startswith("type:"):
+        raise ConfigError(f"{key}={spec!r}: choose parameters, uniform or type:<regex of layer class names>")
+    try:
+        re.compile(spec[len("type:"):], re.IGNORECASE)
+    except re.error as e:
+        raise ConfigError(f"{key}={spec!r}: the regex after 'type:' does not compile ({e})") from None
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -540,5 +600,6 @@ def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str
             out += describe_fields(inner, prefix + f.name + ".")
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            out.append((prefix + f.name, repr(default), f.metadata.get("doc", "")))
+            doc, allowed = f.metadata.get("doc", ""), f.metadata.get("range")
+            out.append((prefix + f.name, repr(default), f"{doc} [{allowed}]" if allowed else doc))
     return out

@@ -50,6 +50,34 @@ def test_parameter_counts_match_published(name, published):
     (["train.precision=fp8"], "train.precision"),
     (["parallel.pipeline=2", "deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
     (["train.seq_len=4096", "model.max_seq_len=2048"], "train.seq_len"),
+    # declared ranges: each was accepted before and trained to garbage, looped or crashed mid-run
+    (["train.loss_chunk_tokens=-5"], "train.loss_chunk_tokens"),
+    (["train.max_wall_time=-10"], "train.max_wall_time"),
+    (["logging.interval=0"], "logging.interval"),
+    (["model.norm_eps=-1"], "model.norm_eps"),
+    (["model.rope_theta=0"], "model.rope_theta"),
+    (["model.dropout=1.5"], "model.dropout"),
+    (["optimizer.lr=inf"], "optimizer.lr"),
+    (["optimizer.lr=nan"], "optimizer.lr"),
+    (["optimizer.beta1=1.5"], "optimizer.beta1"),
+    (["optimizer.eps=-1"], "optimizer.eps"),
+    (["optimizer.min_lr=1", "optimizer.lr=0.1"], "optimizer.min_lr"),
+    (["schedule.warmup_steps=-5"], "schedule.warmup_steps"),
+    (["schedule.wsd_decay_fraction=5"], "schedule.wsd_decay_fraction"),
+    (["train.seed=-1"], "train.seed"),
+    (["train.global_batch_size=-4"], "train.global_batch_size"),
+    (["eval.top_p=2"], "eval.top_p"),
+    (["checkpoint.keep_last=-1"], "checkpoint.keep_last"),
+    (["distributed.timeout_s=-1"], "distributed.timeout_s"),
+    (["model.rope_scaling={factor: -1}"], "model.rope_scaling.factor"),
+    (["model.multiple_of=0", "model.ffn_hidden_size=null"], "model.multiple_of"),
+    (["model.ffn_dim_multiplier=0.0001", "model.ffn_hidden_size=null"], "model.ffn_hidden_size"),
+    (["parallel.activation_checkpoint_interval=-1"], "parallel.activation_checkpoint_interval"),
+    (["parallel.pipeline_partition=bogus"], "parallel.pipeline_partition"),
+    (["parallel.pipeline_partition=type:["], "parallel.pipeline_partition"),
+    (["eval.prompts=[1]"], "eval.prompts"),
+    (["model.preset=[x]"], "model.preset"),
+    (["train.resume_allow_changes=[[1]]"], "train.resume_allow_changes"),
 ])
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -75,3 +103,17 @@ def test_all_presets_validate():
 def test_yaml_boolean_words_stay_words_for_string_fields():
     cfg = load_config(None, ["checkpoint.verify=off", "train.deterministic=on", "train.compile=no"])
     assert cfg.checkpoint.verify == "off" and cfg.train.deterministic is True and cfg.train.compile is False
+
+
+def test_config_file_that_is_not_text(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_bytes(b"\x00\x01\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(p)
+
+
+def test_help_shows_ranges():
+    from megatrain.config import describe_fields
+
+    docs = dict((k, d) for k, _, d in describe_fields())
+    assert docs["optimizer.beta2"].endswith("[in [0, 1)]") and docs["train.max_steps"].endswith("[> 0]")

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 # Keys megatrain owns: a template that sets them contradicts the run config.
 _OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-               "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
+               "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16",
+               # DeepSpeed's other spellings of precision: "bfloat16" is bf16's alias, the others cast the forward
+               "bfloat16", "torch_autocast", "amp")
 
 
 # --------------------------------------------------------------------------- batch arithmetic
@@ -80,9 +82,13 @@ def load_template(cfg: Config) -> tuple[str, dict]:
         known = ", ".join(sorted(p.stem for p in TEMPLATE_DIR.glob("*.json")))
         raise ConfigError(f"deepspeed.template={name!r}: no such template file {path} (shipped: {known})")
     try:
-        return str(path), json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"deepspeed.template {path}: not valid JSON: {e}") from None
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("zero_optimization", {}), dict):
+        raise ConfigError(f"deepspeed.template {path}: the top level, and zero_optimization if present, must be "
+                          f"JSON objects (DeepSpeed's config layout)")
+    return str(path), loaded
 
 
 def build_ds_config(cfg: Config, plan: BatchPlan) -> dict:
@@ -99,6 +105,7 @@ def build_ds_config(cfg: Config, plan: BatchPlan) -> dict:
                           f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; make them agree")
     zero["stage"] = cfg.deepspeed.zero_stage
     _apply_offload(cfg, zero, name)
+    _check_zero_section(zero, name)
     t = cfg.train
     ds.update({
         "train_batch_size": plan.global_batch,
@@ -126,6 +133,18 @@ def build_ds_config(cfg: Config, plan: BatchPlan) -> dict:
         # Lets DeepSpeed drive torch's AdamW where its compiled CPU Adam is not wanted (CPU runs).
         ds["zero_force_ds_cpu_optimizer"] = False
     return ds
+
+
+def _check_zero_section(zero: dict, name: str) -> None:
+    """DeepSpeed's own schema for zero_optimization, now instead of inside engine start-up."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"deepspeed template {name}: zero_optimization is not valid for DeepSpeed: {problems}") from None
 
 
 def _apply_offload(cfg: Config, zero: dict, name: str) -> None:

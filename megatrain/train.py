@@ -84,9 +84,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = resolve_config(args)
         setup_logging(cfg.logging.level, all_ranks=cfg.logging.all_ranks)
         if args.dry_run:
+            from megatrain.config import ConfigError
             from megatrain.report import dry_run_report
 
             world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            if world < 1:
+                raise ConfigError(f"--world-size {world}: must be >= 1")
             sys.stdout.write(dry_run_report(cfg, world) + "\n")
             return 0
         return run(cfg)
@@ -102,13 +105,16 @@ def run(cfg) -> int:
     import torch
     import torch.distributed as dist
 
-    from megatrain.config import validate_world
+    from megatrain.config import ConfigError, validate_world
     from megatrain.distributed import init_distributed
     from megatrain.parallel.state import ParallelState
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.train.precision == "auto":
         cfg.train.precision = "bf16" if device_type == "cuda" else "fp32"
+    if cfg.train.precision == "fp16" and device_type == "cpu":
+        raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 path on the CPU); "
+                          "use fp32 or bf16 here")
     init_distributed(cfg.distributed, device_type)  # picks this rank's GPU from its local rank
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     try:
@@ -130,6 +136,7 @@ def train_with(cfg, st, device):
 
     plan = plan_batch(cfg.train, st.dp_size)  # batch and template errors before any data is touched
     build_ds_config(cfg, plan)
+    _check_output_dirs(cfg)
     tokenizer = _prepare_data(cfg, st)
     datasets, fingerprints = _build_datasets(cfg, st, plan, tokenizer)
     run_dir = Path(cfg.run.dir)
@@ -142,6 +149,23 @@ def train_with(cfg, st, device):
     trainer = Trainer(cfg, st, built, datasets, run_dir, device, tokenizer=tokenizer, fingerprints=fingerprints)
     trainer.exit_code = trainer.train()
     return trainer
+
+
+def _check_output_dirs(cfg) -> None:
+    """Directories the run writes must not be, or sit under, a regular file: refused now, not at the final save."""
+    from megatrain.config import ConfigError
+
+    run_dir = Path(cfg.run.dir)
+    wanted = [("run.dir", run_dir), ("run.dir", run_dir / "checkpoints")]
+    if cfg.data.cache_dir:
+        wanted.append(("data.cache_dir", Path(cfg.data.cache_dir)))
+    for key, path in wanted:
+        for p in (path, *path.parents):
+            if p.exists():
+                if not p.is_dir():
+                    raise ConfigError(f"{key}: {p} is a file, but the run writes {path} as a directory; "
+                                      f"choose another {key} or move the file")
+                break
 
 
 def torch_seed(seed: int) -> None:

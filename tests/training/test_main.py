@@ -50,6 +50,36 @@ def test_template_that_contradicts_the_config(capsys, tmp_path):
            "zero_optimization.stage=2", "deepspeed.zero_stage=1")
 
 
+@pytest.mark.parametrize("template,needle", [
+    ([1, 2], "must be JSON objects"),
+    ({"zero_optimization": 5}, "must be JSON objects"),
+    ({"bfloat16": {"enabled": True}}, "sets 'bfloat16'"),  # DeepSpeed's alias of bf16: precision is ours
+    ({"zero_optimization": {"reduce_bucket_size": -5}}, "reduce_bucket_size: Input should be greater than 0"),
+    ({"zero_optimization": {"bogus_key": 1}}, "bogus_key: Extra inputs are not permitted"),
+])
+def test_malformed_template_is_refused_before_data(capsys, tmp_path, template, needle):
+    tpl = tmp_path / "mine.json"
+    tpl.write_text(json.dumps(template))
+    out = _fails(capsys, BASE + [f"run.dir={tmp_path}", "data.path=/nonexistent/ds", f"deepspeed.template={tpl}"],
+                 needle, str(tpl))
+    assert "/nonexistent" not in out
+
+
+def test_output_dir_that_is_a_file_is_refused_before_data(capsys, tmp_path):
+    (tmp_path / "f").write_text("not a directory")
+    for key, value in [("run.dir", tmp_path / "f"), ("run.dir", tmp_path / "f" / "run"),
+                       ("data.cache_dir", tmp_path / "f")]:
+        args = [f"run.dir={tmp_path / 'run'}", f"{key}={value}", "data.path=/nonexistent/ds"]
+        _fails(capsys, BASE + args, f"{key}: {tmp_path / 'f'} is a file")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("")  # else found only by the final save, after all steps
+    _fails(capsys, BASE + [f"run.dir={tmp_path / 'run'}", "data.path=/nonexistent/ds"], "checkpoints as a directory")
+
+
+def test_fp16_on_cpu_is_refused(capsys, tmp_path):
+    _fails(capsys, BASE + [f"run.dir={tmp_path}", "train.precision=fp16"], "train.precision=fp16 needs a GPU")
+
+
 def test_missing_dataset_names_the_file(capsys, tmp_path):
     _fails(capsys, BASE + [f"run.dir={tmp_path}", f"data.path={tmp_path}/nope"], f"{tmp_path}/nope")
 

@@ -261,6 +261,9 @@ class GPTDataset:
         self._pointers = self.indexed.sequence_pointers
         self._seq_lengths = self.indexed.sequence_lengths
         self._shift = int(self.indexed.dtype.itemsize).bit_length() - 1  # bytes -> tokens
+        vocab = getattr(self.indexed, "vocab_size", None)
+        self._vocab = int(vocab) if vocab is not None else None
+        self._signed = self.indexed.dtype.kind == "i"
 
     def __len__(self) -> int:
         return int(self.shuffle_index.size)
@@ -270,16 +273,26 @@ class GPTDataset:
         d0, o0, d1, o1 = self.sample_index[i:i + 2].ravel().tolist()
         if d0 == d1:
             s = (int(self._pointers[self.document_index[d0]]) >> self._shift) + o0
-            return self._tokens[s:s + (o1 - o0) + 1].astype(np.int64)
-        # Crosses documents: one slice per piece (a sample spans few documents at realistic lengths).
-        seqs = self.document_index[d0:d1 + 1]
-        starts = (self._pointers[seqs] >> self._shift).tolist()
-        lengths = self._seq_lengths[seqs].tolist()
-        starts[0] += o0
-        lengths[0] -= o0
-        lengths[-1] = o1 + 1
-        tokens = self._tokens
-        return np.concatenate([tokens[a:a + n] for a, n in zip(starts, lengths)], dtype=np.int64)
+            out = self._tokens[s:s + (o1 - o0) + 1].astype(np.int64)
+        else:
+            # Crosses documents: one slice per piece (a sample spans few documents at realistic lengths).
+            seqs = self.document_index[d0:d1 + 1]
+            starts = (self._pointers[seqs] >> self._shift).tolist()
+            lengths = self._seq_lengths[seqs].tolist()
+            starts[0] += o0
+            lengths[0] -= o0
+            lengths[-1] = o1 + 1
+            tokens = self._tokens
+            out = np.concatenate([tokens[a:a + n] for a, n in zip(starts, lengths)], dtype=np.int64)
+        # data.verify=sizes reads no tokens at start; an id outside the vocabulary would index past the
+        # embedding (on a GPU: a device-side assert), so every sample is checked here, at ~1 us.
+        if self._vocab is not None and (out.max() >= self._vocab or (self._signed and out.min() < 0)):
+            bad = out[(out >= self._vocab) | (out < 0)]
+            raise DataFormatError(f"{self.indexed.bin_path}: sample {idx} of the {self.name} split holds token id "
+                                  f"{int(bad[0])}, outside the vocabulary [0, {self._vocab}); the data was tokenized "
+                                  f"with another vocabulary or is corrupt (megatrain-inspect-data verify "
+                                  f"{self.indexed.prefix} --full --vocab-size {self._vocab} checks every token)")
+        return out
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

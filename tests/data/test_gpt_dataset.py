@@ -138,3 +138,21 @@ def test_split_ranges_megatron_rounding():
     assert split_ranges(10, [1.0, 0.0, 0.0]) == [(0, 10), (10, 10), (10, 10)]
     r = split_ranges(557, [0.969, 0.03, 0.001])
     assert r[0][0] == 0 and r[-1][1] == 557 and all(a <= b for a, b in r)
+
+
+def test_token_outside_the_vocabulary_is_named_not_passed_on(tmp_path):
+    from megatrain.data.indexed import DataFormatError
+
+    ix = IndexedDataset(position_dataset(str(tmp_path / "pos"), [40] * 10))  # token ids 0..399
+    ix.vocab_size = 200  # what loader.open_dataset sets from model.vocab_size
+    ds = GPTDataset(ix, (0, ix.num_documents), seq_len=SEQ, num_samples=None, seed=3,
+                    cache_dir=str(tmp_path / "cache"), name="train")
+    ok = bad = 0
+    for i in range(len(ds)):
+        try:
+            assert ds[i].max() < 200
+            ok += 1
+        except DataFormatError as e:
+            assert ix.bin_path in str(e) and "outside the vocabulary [0, 200)" in str(e) and "train split" in str(e)
+            bad += 1
+    assert ok and bad

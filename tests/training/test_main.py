@@ -89,6 +89,14 @@ def test_vocab_larger_than_model_is_refused(capsys, tmp_path):
     _fails(capsys, BASE + [f"run.dir={tmp_path}", f"data.path={prefix}"], "vocab_size", "model.vocab_size=512")
 
 
+def test_token_outside_the_vocabulary_stops_training_with_the_file_named(capsys, tmp_path):
+    prefix = build_pattern_dataset(str(tmp_path / "big"), vocab=1000, docs=20)
+    os.remove(prefix + ".json")  # no sidecar: nothing at start says which vocabulary the tokens come from
+    out = _fails(capsys, BASE + [f"run.dir={tmp_path}", f"data.path={prefix}", "train.micro_batch_size=2"],
+                 f"{prefix}.bin: sample", "outside the vocabulary [0, 512)")
+    assert "IndexError" not in out
+
+
 def test_tokenizer_that_disagrees_with_the_sidecar(capsys, tmp_path):
     from megatrain.data.indexed import IndexedDatasetBuilder
     from megatrain.data.tokenizer import train_tokenizer

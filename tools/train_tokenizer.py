@@ -44,7 +44,7 @@ class _Texts:
     """Texts of every record; bad records are skipped and counted (the tokenizer only needs text)."""
 
     def __init__(self, files: list[str], keys: list[str]):
-        self.files, self.keys, self.records, self.bad, self.bytes = files, keys, 0, 0, 0
+        self.files, self.keys, self.records, self.bad, self.bytes, self.usable = files, keys, 0, 0, 0, 0
 
     def __iter__(self):
         import json
@@ -55,6 +55,7 @@ class _Texts:
                 self.records += 1
                 self.bytes += len(raw)
                 if not is_json:
+                    self.usable += bool(raw.strip())
                     yield raw.decode("utf-8", errors="replace")
                     continue
                 try:
@@ -64,12 +65,14 @@ class _Texts:
                     texts = []
                 if not texts:
                     self.bad += bool(raw.strip())
+                self.usable += any(t.strip() for t in texts)
                 yield from texts
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
+    texts = None
     try:
         files = check_options(PreprocessOptions(inputs=args.input, output_prefix=args.output_prefix,
                                                 tokenizer_model=""))
@@ -82,6 +85,9 @@ def main(argv=None) -> int:
                                num_threads=args.num_threads)
         tok = Tokenizer(path)
     except (DataFormatError, ValueError) as e:
+        if texts is not None and texts.records and texts.usable == 0:
+            e = f"no usable text in {texts.records:,} records of --input ({texts.bad:,} without a string under " \
+                f"--json-keys {' '.join(args.json_keys)}); check the keys and the input files"
         print(f"train_tokenizer: error: {e}", file=sys.stderr)
         return 1
     secs = time.perf_counter() - start

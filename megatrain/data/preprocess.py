@@ -18,6 +18,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
+import zlib
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -80,12 +81,22 @@ def _open(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
+@contextlib.contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """A damaged .gz input becomes a DataFormatError naming the file."""
+    try:
+        yield
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataFormatError(f"--input {path}: not a readable gzip file ({e}); re-download or re-compress "
+                              f"it") from None
+
+
 def count_records(path: str, text_unit: str = "line") -> int:
     """Number of records (lines; 1 per file in ``file`` mode) exactly as :func:`iter_records` yields them."""
     if text_unit == "file" and not _is_json(path):
         return 1
     n, last = 0, b"\n"
-    with _open(path) as f:
+    with _reading(path), _open(path) as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             n += block.count(b"\n")
             last = block[-1:]
@@ -94,7 +105,7 @@ def count_records(path: str, text_unit: str = "line") -> int:
 
 def iter_records(path: str, text_unit: str = "line") -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw bytes) of each record of one input file."""
-    with _open(path) as f:
+    with _reading(path), _open(path) as f:
         if text_unit == "file" and not _is_json(path):
             yield 1, f.read()
             return
@@ -120,8 +131,10 @@ def _parse(is_json: bool, raw: bytes) -> tuple[Optional[list[str]], Optional[str
         return [raw.decode("utf-8", errors="replace").rstrip("\r\n")], None
     try:
         obj = json.loads(raw)
-    except ValueError as e:
+    except json.JSONDecodeError as e:
         return None, f"bad JSON ({e.msg} at column {e.colno})"
+    except UnicodeDecodeError as e:  # json.loads decodes bytes itself
+        return None, f"not UTF-8 text ({e.reason} at byte {e.start})"
     if not isinstance(obj, dict):
         return None, "not a JSON object"
     texts = []
@@ -313,6 +326,12 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
                 bar.set_postfix_str(f"{result.documents / elapsed:,.0f} docs/s, "
                                     f"{result.bytes / elapsed / 1e6:.2f} MB/s", refresh=False)
         result.seconds = time.perf_counter() - start
+        if result.documents == 0 and (opts.num_partitions == 1 or result.records > 0):
+            raise DataFormatError(
+                f"--input {' '.join(files)}: no documents to write ({result.records:,} records read: "
+                f"{result.malformed:,} malformed, {result.empty:,} empty, {result.duplicates:,} duplicates)"
+                + (f"; first problem: {result.errors[0][0]}:{result.errors[0][1]}: {result.errors[0][2]}"
+                   if result.errors else "") + "; check --json-keys and the input files")
         sources = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in files]
         for builder, key in zip(builders, opts.json_keys):
             builder.finalize(tokenizer_sha256=tok.sha256, eod_id=tok.eod_id, sources=sources,

@@ -52,6 +52,14 @@ def test_train_tokenizer_cli(tmp_path, corpus_jsonl, capsys):
     assert "400-entry bpe model" in capsys.readouterr().out
 
 
+def test_train_tokenizer_without_usable_text_says_so(tmp_path, capsys):
+    keyless = write_jsonl(str(tmp_path / "keyless.jsonl"), ["alpha", "beta"], key="body")
+    assert train_tokenizer.main(["--input", keyless, "--vocab-size", "300", "--output-prefix",
+                                 str(tmp_path / "tok")]) == 1
+    assert "no usable text in 2 records of --input (2 without a string under --json-keys text)" in \
+        capsys.readouterr().err
+
+
 def test_preprocess_output_and_summary(tmp_path, corpus_jsonl, tiny_tokenizer, capsys):
     out = str(tmp_path / "one")
     assert _run_pre(corpus_jsonl, out, tiny_tokenizer, "--append-eod") == 0
@@ -117,6 +125,26 @@ def test_malformed_lines_are_counted_with_line_numbers(tmp_path, tiny_tokenizer,
     assert _run_pre(str(path), strict, tiny_tokenizer, "--strict") == 1
     assert "bad.jsonl:2: bad JSON" in capsys.readouterr().err
     assert not [f for f in os.listdir(tmp_path) if f.startswith("strict")]
+
+
+def test_unreadable_inputs_fail_naming_the_file_and_write_nothing(tmp_path, tiny_tokenizer, capsys):
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b'{"text": "ok"}\n\xff\xfe\x00garbage\n')  # one good record, one not UTF-8
+    assert _run_pre(str(binary), str(tmp_path / "b"), tiny_tokenizer, "--strict") == 1
+    assert "binary.jsonl:2: not UTF-8 text" in capsys.readouterr().err
+    assert _run_pre(str(binary), str(tmp_path / "b"), tiny_tokenizer) == 0  # skipped and counted, not a crash
+    assert "1 malformed" in capsys.readouterr().out
+
+    gz = tmp_path / "broken.jsonl.gz"
+    gz.write_bytes(b"\x1f\x8b\x08\x00" + os.urandom(64))
+    assert _run_pre(str(gz), str(tmp_path / "g"), tiny_tokenizer) == 1
+    assert f"--input {gz}: not a readable gzip file" in capsys.readouterr().err
+
+    keyless = write_jsonl(str(tmp_path / "keyless.jsonl"), ["alpha", "beta"], key="body")
+    assert _run_pre(keyless, str(tmp_path / "k"), tiny_tokenizer) == 1
+    err = capsys.readouterr().err
+    assert "no documents to write (2 records read: 2 malformed" in err and "missing key 'text'" in err
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(("g.", "k."))]
 
 
 def test_dedup(tmp_path, tiny_tokenizer, capsys):

@@ -484,22 +484,14 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Every check that needs only the config (and, when known, the world size)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     _check_ranges(cfg)
+    validate_model(m)
     if cfg.optimizer.min_lr > cfg.optimizer.lr:
         raise ConfigError(f"optimizer.min_lr={cfg.optimizer.min_lr} exceeds optimizer.lr={cfg.optimizer.lr}: the "
                           f"decay ends at min_lr, so it must be <= the peak")
-    if m.ffn_size <= 0:
-        raise ConfigError(f"the FFN width derived from model.multiple_of={m.multiple_of} and model.ffn_dim_multiplier="
-                          f"{m.ffn_dim_multiplier} is {m.ffn_size}; set model.ffn_hidden_size")
     bad = [x for x in cfg.eval.prompts if not isinstance(x, str)]
     if bad:
         raise ConfigError(f"eval.prompts: every prompt must be a string, got {bad!r}; quote them in YAML")
     _check_partition(p.pipeline_partition)
-    if m.hidden_size % m.num_heads:
-        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
-    if m.num_kv_heads is not None and (m.num_kv_heads <= 0 or m.num_heads % m.num_kv_heads):
-        raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
-    if m.head_dim % 2:
-        raise ConfigError(f"model.hidden_size / model.num_heads = {m.head_dim} must be even for RoPE")
     if m.num_heads % p.tensor:
         raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}")
     if m.kv_heads % p.tensor:
@@ -541,6 +533,20 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           f"allowed: data, tokenizer, model, schedule, topology")
     if world_size is not None:
         validate_world(cfg, world_size)
+
+
+def validate_model(m: ModelConfig) -> None:
+    """The model section's own rules (ranges, head and FFN shapes), for configs that are not a whole run."""
+    _check_ranges(m, "model.")
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.hidden_size / model.num_heads = {m.head_dim} must be even for RoPE")
+    if m.ffn_size <= 0:
+        raise ConfigError(f"the FFN width derived from model.multiple_of={m.multiple_of} and model.ffn_dim_multiplier="
+                          f"{m.ffn_dim_multiplier} is {m.ffn_size}; set model.ffn_hidden_size")
 
 
 def validate_world(cfg: Config, world_size: int) -> None:

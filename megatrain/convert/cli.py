@@ -108,6 +108,14 @@ def check_args(args: argparse.Namespace) -> None:
                               f"{Path(args.output) / 'model-f16.gguf'}")
     if args.verify and (args.verify_prompts < 1 or args.verify_tokens < 1):
         raise ConversionError("--verify-prompts and --verify-tokens must be >= 1 (or pass --no-verify)")
+    if not (args.atol >= 0 and args.rtol >= 0):  # also refuses nan
+        raise ConversionError(f"--atol {args.atol} --rtol {args.rtol}: tolerances must be >= 0")
+    for parent in Path(args.output).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConversionError(f"{args.output}: {parent} is a file, so nothing can be written under it; "
+                                      f"choose another output path")
+            break
 
 
 def check_output(out: Path, overwrite: bool) -> None:

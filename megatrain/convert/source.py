@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from megatrain import ckpt_layout as layout
-from megatrain.config import Config, ConfigError, ModelConfig
+from megatrain.config import Config, ConfigError, ModelConfig, validate_model
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ def detect_kind(path: Path) -> str:
         raise ConversionError(f"{path}: no such file or directory")
     if path.is_dir() and is_hf_dir(path):
         return "hf"
+    if path.is_dir() and (path / "config.json").is_file() and not (path / layout.META).exists():
+        raise ConversionError(f"{path}: has a config.json but no weights (model.safetensors, model-*.safetensors "
+                              f"or pytorch_model.bin); the download is incomplete")
     layout.resolve_checkpoint_dir(path)  # raises CheckpointError saying what a checkpoint looks like
     return "megatrain"
 
@@ -117,11 +120,20 @@ def normalize_hf_config(hc: dict, where: Path) -> ModelConfig:
     if isinstance(rp, dict) and rp.get("rope_type", "default") != "default" and not hc.get("rope_scaling"):
         hc["rope_scaling"] = rp
     try:
-        return model_config_from_hf(hc)
+        cfg = model_config_from_hf(hc)
+        validate_model(cfg)  # the ranges and shape rules of a megatrain model config
+        return cfg
     except KeyError as e:
         raise ConfigError(f"{where}: required field {e} is missing") from None
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    except (ConfigError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise ConfigError(f"{where}: {e} (a field of config.json is missing, null or out of range)") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e}); the download may be incomplete") from None
 
 
 def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -131,7 +143,7 @@ def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
 
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = _index_files(index)
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -141,15 +153,26 @@ def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
         for f in files:
             if not (path / f).is_file():
                 raise ConversionError(f"{path / f}: listed in {index.name} but missing; the download is incomplete")
-            out.update(load_file(str(path / f)))
+            try:
+                out.update(load_file(str(path / f)))
+            except Exception as e:  # safetensors' own error types: truncated header, bad offsets, ...
+                raise ConversionError(f"{path / f}: not a readable safetensors file ({e}); the download may be "
+                                      f"incomplete") from None
         return out
     return _read_torch_pickles(path)
 
 
+def _index_files(index: Path) -> list[str]:
+    weight_map = _read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ConversionError(f"{index}: needs a weight_map object of tensor name -> file name")
+    return sorted(set(weight_map.values()))
+
+
 def _read_torch_pickles(path: Path) -> dict[str, torch.Tensor]:
     index = path / "pytorch_model.bin.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
-        ["pytorch_model.bin"]
+    files = _index_files(index) if index.is_file() else ["pytorch_model.bin"]
     out: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -173,7 +196,9 @@ def _hf_expected_names(cfg: ModelConfig) -> set[str]:
 def load_hf_dir(path: Path) -> Source:
     from megatrain.model.hf import from_hf_state_dict
 
-    hc = json.loads((path / "config.json").read_text())
+    hc = _read_json(path / "config.json")
+    if not isinstance(hc, dict):
+        raise ConversionError(f"{path / 'config.json'}: the top level must be a JSON object (a transformers config)")
     cfg = normalize_hf_config(hc, path / "config.json")
     hf = read_hf_tensors(path)
     unexpected = sorted(n for n in set(hf) - _hf_expected_names(cfg) if not n.endswith(_IGNORED_HF_SUFFIXES))

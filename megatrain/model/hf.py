@@ -95,6 +95,8 @@ def model_config_from_hf(hc: dict[str, Any]) -> ModelConfig:
     if hc.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"config.json: hidden_act={hc['hidden_act']!r}; only 'silu' (SwiGLU) is supported")
     heads = hc["num_attention_heads"]
+    if not isinstance(heads, int) or heads <= 0:
+        raise ConfigError(f"config.json: num_attention_heads={heads!r}; must be a positive integer")
     if hc.get("head_dim") not in (None, hc["hidden_size"] // heads):
         raise ConfigError(f"config.json: head_dim={hc['head_dim']} differs from hidden_size/num_attention_heads; "
                           f"not supported")

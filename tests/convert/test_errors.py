@@ -69,6 +69,48 @@ def test_unsupported_hf_config_feature(hf_dir, tmp_path, capsys, change, needle)
     assert needle in err and "config.json" in err, err
 
 
+def _damaged_copy(hf_dir, dst, **writes):
+    import shutil
+
+    shutil.copytree(hf_dir, dst)
+    for name, data in writes.items():
+        path = dst / name.replace("__", ".")
+        if data is None:
+            path.unlink()
+        else:
+            path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+    return dst
+
+
+@pytest.mark.parametrize("writes,needle", [
+    ({"config__json": "{x"}, "config.json: not valid JSON"),
+    ({"config__json": "[1, 2]"}, "config.json: the top level must be a JSON object"),
+    ({"model__safetensors": b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage"}, "not a readable safetensors file"),
+    ({"model__safetensors": None}, "has a config.json but no weights"),
+])
+def test_damaged_hf_download_is_named(hf_dir, tmp_path, capsys, writes, needle):
+    src = _damaged_copy(hf_dir, tmp_path / "src", **writes)
+    assert convert(src, tmp_path / "out", "--to", "megatrain") == 2
+    err = _err(capsys)
+    assert needle in err and str(src) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"num_attention_heads": 0}, "num_attention_heads=0; must be a positive integer"),
+    ({"rms_norm_eps": None}, "config.json"),
+    ({"rms_norm_eps": -1.0}, "model.norm_eps=-1.0: must be > 0"),
+])
+def test_out_of_range_hf_config_value(hf_dir, tmp_path, capsys, change, needle):
+    src = _damaged_copy(hf_dir, tmp_path / "src")
+    hc = json.loads((src / "config.json").read_text())
+    hc.update(change)
+    (src / "config.json").write_text(json.dumps(hc))
+    assert convert(src, tmp_path / "out", "--to", "megatrain") == 2
+    err = _err(capsys)
+    assert needle in err and "config.json" in err, err
+
+
 def test_unexpected_hf_tensor_is_refused(hf_dir, tmp_path, capsys):
     import shutil
 
@@ -163,3 +205,8 @@ def test_bad_arguments(tmp_path, capsys):
     assert convert(tmp_path / "ck", tmp_path / "out", "--to", "hf", "--max-shard-size", "lots",
                    "--no-tokenizer") == 2
     assert "--max-shard-size 'lots'" in _err(capsys)
+    assert convert(tmp_path / "ck", tmp_path / "out", "--to", "hf", "--atol", "-1", "--no-tokenizer") == 2
+    assert "tolerances must be >= 0" in _err(capsys)
+    (tmp_path / "file").write_text("x")
+    assert convert(tmp_path / "ck", tmp_path / "file" / "out", "--to", "hf", "--no-tokenizer") == 2
+    assert f"{tmp_path / 'file'} is a file, so nothing can be written under it" in _err(capsys)

@@ -615,9 +615,27 @@ def _changes(tr: "Trainer", meta: dict) -> list[tuple[str, str, list[str]]]:
     return out
 
 
+def _shape_changes(tr: "Trainer", meta: dict, path: Path) -> list[str]:
+    """Weights whose shape differs between the checkpoint's model and this run's (none can be loaded)."""
+    if not meta.get("model_hash") or meta["model_hash"] == tr.cfg.model_hash():
+        return []
+    old, new = layout.model_layout(layout.model_config_of(meta, path)), layout.model_layout(tr.cfg.model)
+    out = [f"{n} {tuple(old[n][0])} -> {tuple(new[n][0])}" for n in sorted(set(old) & set(new))
+           if tuple(old[n][0]) != tuple(new[n][0])]
+    out += [f"{n} only in the checkpoint" for n in sorted(set(old) - set(new))]
+    return out + [f"{n} only in this run" for n in sorted(set(new) - set(old))]
+
+
 def check_compatible(tr: "Trainer", meta: dict, path: Path) -> None:
     """Refuse to continue from a checkpoint of another model, tokenizer, dataset or schedule, unless allowed."""
     allow = set(tr.cfg.train.resume_allow_changes)
+    shapes = _shape_changes(tr, meta, path) if "model" in allow else []
+    if shapes:
+        more = f" and {len(shapes) - 3} more" if len(shapes) > 3 else ""
+        raise ConfigError(f"checkpoint {path}: its weights have other shapes than this run's model "
+                          f"({'; '.join(shapes[:3])}{more}); train.resume_allow_changes=[model] covers only model "
+                          f"fields that keep every shape (rope_theta, max_seq_len, norm_eps, ...). Resume with the "
+                          f"checkpoint's model.* values, or start a new run")
     for key, what, diffs in _changes(tr, meta):
         if key not in allow:
             raise ConfigError(f"checkpoint {path}: the {what} differs from this run's ({'; '.join(diffs)}); resume "

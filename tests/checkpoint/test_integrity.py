@@ -7,6 +7,7 @@ import ast
 import contextlib
 import hashlib
 import json
+import re
 import logging
 import shutil
 from pathlib import Path
@@ -231,7 +232,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 @pytest.mark.parametrize("override, item, words", [
-    ("model.hidden_size=128", "model", "model.hidden_size 64 -> 128"),
+    ("model.rope_theta=500000", "model", "model.rope_theta 10000.0 -> 500000.0"),
     ("train.seq_len=16", "data", "train.seq_len 32 -> 16"),
     ("optimizer.lr=1e-3", "schedule", "optimizer.lr 0.003 -> 0.001"),
 ])
@@ -247,6 +248,19 @@ def test_mismatch_is_refused_naming_the_change_unless_allowed(pristine, override
     ckpt.check_compatible(tr, meta, Path("ckpt"))  # unchanged: no complaint
     tr.fingerprints["data"] = "0" * 16
     with pytest.raises(ConfigError, match="data fingerprint"):
+        ckpt.check_compatible(tr, meta, Path("ckpt"))
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.hidden_size=128", "blocks.0.attn.o.weight (64, 64) -> (128, 128)"),
+    ("model.num_layers=4", "blocks.2.attn.qkv.weight only in this run"),
+])
+def test_shape_change_is_refused_even_when_model_changes_are_allowed(pristine, override, words):
+    tr, meta = _trainer_like(pristine, override)
+    with pytest.raises(ConfigError, match=r"model shape.*train.resume_allow_changes=\[model\]"):
+        ckpt.check_compatible(tr, meta, Path("ckpt"))
+    tr, meta = _trainer_like(pristine, override, "train.resume_allow_changes=[model]")
+    with pytest.raises(ConfigError, match=rf"other shapes than this run's model \(.*{re.escape(words)}"):
         ckpt.check_compatible(tr, meta, Path("ckpt"))
 
 

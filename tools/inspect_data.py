@@ -22,6 +22,9 @@ from megatrain.data.indexed import DataFormatError, IndexedDataset  # noqa: E402
 
 
 def cmd_verify(args) -> int:
+    if args.vocab_size is not None and args.vocab_size <= 0:
+        print(f"inspect_data verify: error: --vocab-size {args.vocab_size}: must be positive", file=sys.stderr)
+        return 1
     start = time.perf_counter()
     ds = IndexedDataset(args.prefix, verify="full" if args.full else "sizes", vocab_size=args.vocab_size)
     secs = time.perf_counter() - start
@@ -58,9 +61,17 @@ def cmd_decode(args) -> int:
         print(f"inspect_data: warning: {ds.sidecar_path} records tokenizer {sha[:12]}..., "
               f"{args.tokenizer_model} is {tok.sha256[:12]}...", file=sys.stderr)
     try:
+        if args.document < 0:
+            raise IndexError(f"must be in [0, {ds.num_documents})")
         tokens = ds.get_document(args.document)
     except IndexError as e:
         print(f"inspect_data decode: error: --document {args.document}: {e}", file=sys.stderr)
+        return 1
+    if not args.ids and tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= tok.vocab_size):
+        bad = int(tokens.max()) if int(tokens.max()) >= tok.vocab_size else int(tokens.min())
+        print(f"inspect_data decode: error: document {args.document} holds token id {bad}, outside "
+              f"{args.tokenizer_model}'s {tok.vocab_size} pieces; wrong tokenizer? (--ids prints the raw ids)",
+              file=sys.stderr)
         return 1
     print(tok.decode(tokens.tolist()) if not args.ids else " ".join(map(str, tokens.tolist())))
     return 0

@@ -435,7 +435,8 @@ class IndexedDatasetBuilder:
         offset = self._num_sequences
         self._doc_indices.extend((np.asarray(other.document_indices[1:]) + offset).tolist())
         self._num_sequences += other.num_sequences
-        self._copy_bin(other.bin_path)
+        # A shard without a sidecar says nothing of its vocabulary: its tokens are checked as they are copied.
+        self._copy_bin(other.bin_path, check_vocab=side.get("vocab_size") is None)
         self._sources.extend(side.get("sources") or [os.path.basename(other.prefix)])
         del other
 
@@ -451,9 +452,17 @@ class IndexedDatasetBuilder:
         if side.get("eod_id") is not None:
             self._eod_id = int(side["eod_id"])
 
-    def _copy_bin(self, path: str) -> None:
+    def _copy_bin(self, path: str, check_vocab: bool = False) -> None:
         with open(path, "rb") as src:
             for block in iter(lambda: src.read(1 << 24), b""):
+                if check_vocab and self.dtype.kind in "iu" and len(block) >= self.dtype.itemsize:
+                    tokens = np.frombuffer(block, dtype=self.dtype, count=len(block) // self.dtype.itemsize)
+                    lo, hi = int(tokens.min()), int(tokens.max())
+                    if lo < 0 or hi >= self.vocab_size:
+                        raise DataFormatError(f"{path}: token id {hi if hi >= self.vocab_size else lo} is outside "
+                                              f"the vocabulary [0, {self.vocab_size}) of the other inputs, and this "
+                                              f"shard has no sidecar saying which tokenizer made it; merge only "
+                                              f"shards of one tokenizer")
                 self._bin.write(block)
                 if self._bin_hash is not None:
                     self._bin_hash.update(block)

@@ -107,6 +107,19 @@ def test_merge_refuses_mixed_tokenizers(tmp_path):
     assert not os.path.exists(str(tmp_path / "m.idx")) and not os.path.exists(str(tmp_path / "m.bin"))
 
 
+def test_merge_checks_the_tokens_of_a_shard_without_sidecar(tmp_path):
+    a = make_dataset(str(tmp_path / "a"), [[1, 2], [3]], vocab_size=400)
+    fits = make_dataset(str(tmp_path / "fits"), [[399, 0]], vocab_size=1000)
+    other = make_dataset(str(tmp_path / "other"), [[5, 432]], vocab_size=1000)  # another tokenizer's ids
+    for p in (fits, other):
+        os.remove(p + ".json")
+    merge_datasets([a, fits], str(tmp_path / "ok"))
+    assert read_sidecar(str(tmp_path / "ok"))["vocab_size"] == 400
+    with pytest.raises(DataFormatError, match=r"other\.bin: token id 432 is outside the vocabulary \[0, 400\)"):
+        merge_datasets([a, other], str(tmp_path / "m"))
+    assert not os.path.exists(str(tmp_path / "m.idx")) and not os.path.exists(str(tmp_path / "m.bin"))
+
+
 def test_sidecar_contents(tmp_path):
     prefix = make_dataset(str(tmp_path / "s"), [[1, 2, 3], [4]], vocab_size=500, tokenizer_sha256="f" * 64,
                           eod_id=2, sources=["x.jsonl"])

@@ -207,6 +207,22 @@ def test_inspect_stats_and_decode(tmp_path, corpus_jsonl, tiny_tokenizer, capsys
     assert inspect_data.main(["decode", out, "--document", "7", "--tokenizer-model", tiny_tokenizer]) == 0
     assert capsys.readouterr().out.rstrip("\n") == json.loads(open(corpus_jsonl).readlines()[7])["text"]
     assert inspect_data.main(["decode", out, "--document", "300", "--tokenizer-model", tiny_tokenizer]) == 1
+    assert inspect_data.main(["decode", out, "--document", "-1", "--tokenizer-model", tiny_tokenizer]) == 1
+    assert "--document -1: must be in [0, 300)" in capsys.readouterr().err
+    assert inspect_data.main(["verify", out, "--vocab-size", "-5"]) == 1
+    assert "--vocab-size -5: must be positive" in capsys.readouterr().err
     assert inspect_data.main(["verify", out, "--vocab-size", "200", "--full"]) == 1  # tokens >= 200 exist
     assert "outside the vocabulary" in capsys.readouterr().err
     assert np.asarray(IndexedDataset(out).tokens).max() >= 200
+    from megatrain.data.indexed import IndexedDatasetBuilder
+
+    with IndexedDatasetBuilder(str(tmp_path / "wide"), vocab_size=60000) as b:  # another tokenizer's ids
+        b.add_sequence([5, 50000])
+        b.end_document()
+        b.finalize()
+    assert inspect_data.main(["decode", str(tmp_path / "wide"), "--document", "0", "--tokenizer-model",
+                              tiny_tokenizer]) == 1
+    assert "holds token id 50000, outside" in capsys.readouterr().err
+    assert inspect_data.main(["decode", str(tmp_path / "wide"), "--document", "0", "--ids", "--tokenizer-model",
+                              tiny_tokenizer]) == 0
+    assert capsys.readouterr().out.split() == ["5", "50000"]

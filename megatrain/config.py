@@ -515,6 +515,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _choice("checkpoint.verify", cfg.checkpoint.verify, ("off", "sizes", "full"))
     _choice("data.verify", cfg.data.verify, ("sizes", "full"))
     _choice("distributed.backend", cfg.distributed.backend, ("auto", "nccl", "gloo"))
+    _choice("logging.level", str(cfg.logging.level).upper(), ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: must be 0, 1, 2 or 3")
     if p.pipeline > 1 and cfg.deepspeed.zero_stage > 1:

@@ -76,6 +76,7 @@ def test_parameter_counts_match_published(name, published):
     (["parallel.pipeline_partition=bogus"], "parallel.pipeline_partition"),
     (["parallel.pipeline_partition=type:["], "parallel.pipeline_partition"),
     (["eval.prompts=[1]"], "eval.prompts"),
+    (["logging.level=LOUD"], "logging.level"),
     (["model.preset=[x]"], "model.preset"),
     (["train.resume_allow_changes=[[1]]"], "train.resume_allow_changes"),
 ])

@@ -350,8 +350,7 @@ class IndexedDatasetBuilder:
             raise ValueError(f"uint16 tokens need a vocabulary below {UINT16_VOCAB_LIMIT}, got {self.vocab_size}")
         if self.vocab_size - 1 > np.iinfo(self.dtype).max:
             raise ValueError(f"vocab_size={self.vocab_size} does not fit {self.dtype.name}")
-        parent = os.path.dirname(os.path.abspath(self.prefix))
-        os.makedirs(parent, exist_ok=True)
+        ensure_parent_dir(self.prefix)
         self._suffix = f".partial-{os.getpid()}"
         self._bin_tmp = self.prefix + ".bin" + self._suffix
         self._bin = open(self._bin_tmp, "wb")
@@ -532,6 +531,16 @@ def write_index(path: str, dtype: Any, lengths: np.ndarray, document_indices: np
             f.write(part)
             h.update(part)
     return h.hexdigest()
+
+
+def ensure_parent_dir(prefix: str) -> None:
+    """Create the folder an output prefix lives in; a path through a regular file is a ValueError."""
+    parent = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ValueError(f"output {prefix}: cannot create the folder {parent} ({e.strerror}: part of that path "
+                         f"is a file); choose another output prefix") from None
 
 
 def merge_datasets(prefixes: list[str], output_prefix: str, tool: Optional[str] = None) -> dict:

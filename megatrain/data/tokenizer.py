@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Iterable, Iterator, Optional, Sequence
 
-from megatrain.data.indexed import DataFormatError
+from megatrain.data.indexed import DataFormatError, ensure_parent_dir
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str, *
     """
     import sentencepiece as spm
 
+    ensure_parent_dir(output_prefix)  # before the training, not after it
     model = io.BytesIO()
     kwargs = dict(
         sentence_iterator=_lines_of(texts, max_sentence_length), model_writer=model, vocab_size=vocab_size,
@@ -121,7 +122,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str, *
         spm.SentencePieceTrainer.train(**kwargs)
     except RuntimeError as e:
         raise ValueError(f"SentencePiece training failed for {output_prefix}.model: {e}") from None
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     model_path = output_prefix + ".model"
     _write_atomic(model_path, model.getvalue())
     sp = spm.SentencePieceProcessor()

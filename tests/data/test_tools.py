@@ -140,6 +140,10 @@ def test_unreadable_inputs_fail_naming_the_file_and_write_nothing(tmp_path, tiny
     assert _run_pre(str(gz), str(tmp_path / "g"), tiny_tokenizer) == 1
     assert f"--input {gz}: not a readable gzip file" in capsys.readouterr().err
 
+    (tmp_path / "file").write_text("x")
+    assert _run_pre(str(binary), str(tmp_path / "file" / "out"), tiny_tokenizer) == 1
+    assert f"cannot create the folder {tmp_path / 'file'}" in capsys.readouterr().err
+
     keyless = write_jsonl(str(tmp_path / "keyless.jsonl"), ["alpha", "beta"], key="body")
     assert _run_pre(keyless, str(tmp_path / "k"), tiny_tokenizer) == 1
     err = capsys.readouterr().err

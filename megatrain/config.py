@@ -450,7 +450,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not p.is_file():
             raise ConfigError(f"--config {p}: no such file")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
         except UnicodeDecodeError as e:
@@ -462,6 +462,26 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         key, value = parse_override(arg)
         _set_dotted(tree, key, value)
     return config_from_tree(tree)
+
+
+def _unique_key_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that refuses a key written twice in one mapping (YAML would keep the last silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} appears twice in one mapping (also {seen[key]}); keep one",
+                        key_node.start_mark)
+                seen[key] = f"line {key_node.start_mark.line + 1}"
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
 
 
 def config_from_tree(tree: dict) -> Config:

@@ -118,3 +118,13 @@ def test_help_shows_ranges():
 
     docs = dict((k, d) for k, _, d in describe_fields())
     assert docs["optimizer.beta2"].endswith("[in [0, 1)]") and docs["train.max_steps"].endswith("[> 0]")
+
+
+def test_key_written_twice_in_a_config_file(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("model:\n  preset: debug\ntrain:\n  max_steps: 5\nmodel:\n  preset: demo\n")
+    with pytest.raises(ConfigError, match=r"'model' appears twice in one mapping \(also line 1\)"):
+        load_config(p)
+    p.write_text("train:\n  max_steps: 5\n  seq_len: 16\n  max_steps: 6\n")
+    with pytest.raises(ConfigError, match="'max_steps' appears twice"):
+        load_config(p)

@@ -125,7 +125,13 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self._batches = self._train_batches()
         tokens_per_step = self.built.plan.global_batch * t.seq_len
-        log.info("training from step %d to %d (%d samples consumed)", self.step, t.max_steps, self.consumed_samples)
+        if self.step >= t.max_steps:
+            log.warning("the run is at step %d, already at or past train.max_steps=%d: nothing to train (raise "
+                        "train.max_steps to continue); evaluating only, the checkpoint is left as it is",
+                        self.step, t.max_steps)
+        else:
+            log.info("training from step %d to %d (%d samples consumed)", self.step, t.max_steps,
+                     self.consumed_samples)
         start = last = time.time()
         loss_sum, n_loss, n_acc, steps_at_start = 0.0, 0, 0, self.step
         while self.step < t.max_steps:
@@ -163,7 +169,7 @@ class Trainer:
         with wd.phase("final evaluation", factor=3):
             self.evaluate()
             self.sample()
-        if cfg.checkpoint.save_at_end:
+        if cfg.checkpoint.save_at_end and self.step > steps_at_start:
             self._save(wd)
         log.info("done: %d steps, %s tokens in %.0f s", self.step,
                  f"{self.consumed_samples * t.seq_len:,}", time.time() - start)

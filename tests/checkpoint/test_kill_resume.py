@@ -74,6 +74,19 @@ def test_kill9_at_random_steps_then_auto_resume(zygote, pattern_dataset, tmp_pat
     assert_bitwise_equal(checkpoint_tensors(run / "checkpoints" / layout.tag_for_step(STEPS)), reference["final"])
 
 
+def test_rerun_of_a_finished_run_trains_nothing_and_keeps_its_checkpoint(zygote, pattern_dataset, tmp_path,
+                                                                         reference):
+    import shutil
+
+    run, log = tmp_path / "run", tmp_path / "log"
+    shutil.copytree(reference["dir"], run)
+    final = run / "checkpoints" / layout.tag_for_step(STEPS)
+    before = {p: p.stat().st_mtime_ns for p in final.rglob("*")}
+    assert run_to_end(zygote, run_args(pattern_dataset, run, "checkpoint.keep_last=3"), log) == [0]
+    assert f"already at or past train.max_steps={STEPS}: nothing to train" in log.read_text()
+    assert {p: p.stat().st_mtime_ns for p in final.rglob("*")} == before  # not saved again
+
+
 # A crash at each of these points of a save: before the checkpoint is published (the previous one must be
 # loaded) or after (this one).
 CRASHES = [("ds", False), ("optim", False), ("hashed", False), ("manifest", False), ("complete", False),

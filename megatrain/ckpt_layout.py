@@ -93,6 +93,16 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def file_in_the_way(path: PathLike) -> Optional[Path]:
+    """The regular file at ``path`` or at its nearest existing ancestor, which would stop ``path`` from being
+    created as a directory; None when nothing is in the way."""
+    path = Path(path).absolute()
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory, fsync, rename."""
     path = Path(path)

@@ -503,8 +503,10 @@ def config_from_tree(tree: dict) -> Config:
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Every check that needs only the config (and, when known, the world size)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    _check_ranges(cfg)
-    validate_model(m)
+    validate_model(m)  # the model section's ranges and shapes
+    for f in dataclasses.fields(cfg):
+        if f.name != "model":
+            _check_ranges(getattr(cfg, f.name), f.name + ".")
     if cfg.optimizer.min_lr > cfg.optimizer.lr:
         raise ConfigError(f"optimizer.min_lr={cfg.optimizer.min_lr} exceeds optimizer.lr={cfg.optimizer.lr}: the "
                           f"decay ends at min_lr, so it must be <= the peak")

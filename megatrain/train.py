@@ -153,6 +153,7 @@ def train_with(cfg, st, device):
 
 def _check_output_dirs(cfg) -> None:
     """Directories the run writes must not be, or sit under, a regular file: refused now, not at the final save."""
+    from megatrain.ckpt_layout import file_in_the_way
     from megatrain.config import ConfigError
 
     run_dir = Path(cfg.run.dir)
@@ -160,12 +161,10 @@ def _check_output_dirs(cfg) -> None:
     if cfg.data.cache_dir:
         wanted.append(("data.cache_dir", Path(cfg.data.cache_dir)))
     for key, path in wanted:
-        for p in (path, *path.parents):
-            if p.exists():
-                if not p.is_dir():
-                    raise ConfigError(f"{key}: {p} is a file, but the run writes {path} as a directory; "
-                                      f"choose another {key} or move the file")
-                break
+        blocker = file_in_the_way(path)
+        if blocker is not None:
+            raise ConfigError(f"{key}: {blocker} is a file, but the run writes {path} as a directory; "
+                              f"choose another {key} or move the file")
 
 
 def torch_seed(seed: int) -> None:

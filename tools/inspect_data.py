@@ -67,8 +67,9 @@ def cmd_decode(args) -> int:
     except IndexError as e:
         print(f"inspect_data decode: error: --document {args.document}: {e}", file=sys.stderr)
         return 1
-    if not args.ids and tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= tok.vocab_size):
-        bad = int(tokens.max()) if int(tokens.max()) >= tok.vocab_size else int(tokens.min())
+    lo, hi = (int(tokens.min()), int(tokens.max())) if tokens.size else (0, 0)
+    if not args.ids and (lo < 0 or hi >= tok.vocab_size):
+        bad = hi if hi >= tok.vocab_size else lo
         print(f"inspect_data decode: error: document {args.document} holds token id {bad}, outside "
               f"{args.tokenizer_model}'s {tok.vocab_size} pieces; wrong tokenizer? (--ids prints the raw ids)",
               file=sys.stderr)

@@ -85,10 +85,11 @@ def main(argv=None) -> int:
                                num_threads=args.num_threads)
         tok = Tokenizer(path)
     except (DataFormatError, ValueError) as e:
-        if texts is not None and texts.records and texts.usable == 0:
-            e = f"no usable text in {texts.records:,} records of --input ({texts.bad:,} without a string under " \
-                f"--json-keys {' '.join(args.json_keys)}); check the keys and the input files"
-        print(f"train_tokenizer: error: {e}", file=sys.stderr)
+        msg = str(e)
+        if texts is not None and texts.records and texts.usable == 0:  # SentencePiece's own words do not say why
+            msg = (f"no usable text in {texts.records:,} records of --input ({texts.bad:,} without a string under "
+                   f"--json-keys {' '.join(args.json_keys)}); check the keys and the input files")
+        print(f"train_tokenizer: error: {msg}", file=sys.stderr)
         return 1
     secs = time.perf_counter() - start
     if texts.bad:

@@ -110,12 +110,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConversionError("--verify-prompts and --verify-tokens must be >= 1 (or pass --no-verify)")
     if not (args.atol >= 0 and args.rtol >= 0):  # also refuses nan
         raise ConversionError(f"--atol {args.atol} --rtol {args.rtol}: tolerances must be >= 0")
-    for parent in Path(args.output).absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConversionError(f"{args.output}: {parent} is a file, so nothing can be written under it; "
-                                      f"choose another output path")
-            break
+    blocker = layout.file_in_the_way(Path(args.output).absolute().parent)
+    if blocker is not None:
+        raise ConversionError(f"{args.output}: {blocker} is a file, so nothing can be written under it; "
+                              f"choose another output path")
 
 
 def check_output(out: Path, overwrite: bool) -> None:

@@ -285,7 +285,7 @@ class GPTDataset:
             tokens = self._tokens
             out = np.concatenate([tokens[a:a + n] for a, n in zip(starts, lengths)], dtype=np.int64)
         # data.verify=sizes reads no tokens at start; an id outside the vocabulary would index past the
-        # embedding (on a GPU: a device-side assert), so every sample is checked here, at ~1 us.
+        # embedding (on a GPU: a device-side assert), so every sample is checked here (~3 us; docs/benchmarks.md).
         if self._vocab is not None and (out.max() >= self._vocab or (self._signed and out.min() < 0)):
             bad = out[(out >= self._vocab) | (out < 0)]
             raise DataFormatError(f"{self.indexed.bin_path}: sample {idx} of the {self.name} split holds token id "

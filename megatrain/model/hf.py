@@ -117,15 +117,14 @@ def model_config_from_hf(hc: dict[str, Any]) -> ModelConfig:
     theta = hc.get("rope_theta", rp.get("rope_theta", 10000.0))
     return ModelConfig(hidden_size=hc["hidden_size"], num_layers=hc["num_hidden_layers"], num_heads=heads,
                        num_kv_heads=hc.get("num_key_value_heads", heads), ffn_hidden_size=hc["intermediate_size"],
-                       vocab_size=hc["vocab_size"], norm_eps=_number(hc, "rms_norm_eps", 1e-5),
-                       rope_theta=_number({"rope_theta": theta}, "rope_theta", 10000.0), rope_scaling=scaling,
+                       vocab_size=hc["vocab_size"], norm_eps=_number("rms_norm_eps", hc.get("rms_norm_eps", 1e-5)),
+                       rope_theta=_number("rope_theta", theta), rope_scaling=scaling,
                        max_seq_len=hc.get("max_position_embeddings", 2048),
                        tie_embeddings=bool(hc.get("tie_word_embeddings", False)),
-                       init_std=_number(hc, "initializer_range", 0.02))
+                       init_std=_number("initializer_range", hc.get("initializer_range", 0.02)))
 
 
-def _number(hc: dict[str, Any], key: str, default: float) -> float:
-    v = hc.get(key, default)
+def _number(key: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ConfigError(f"config.json: {key}={v!r}; must be a number")
     return float(v)

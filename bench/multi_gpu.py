@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,12 +91,13 @@ def write_dataset(prefix: str, vocab: int, tokens: int, seed: int = 0) -> None:
 DEADLINE = [float("inf")]  # time.time() after which no new run starts (--budget-s)
 
 
-def torchrun(n: int, overrides: list[str], log: Path, env: dict, timeout: int = 600) -> dict:
+def torchrun(n: int, overrides: list[str], log: Path, env: dict, timeout: int = 600, port: int = 0) -> dict:
     if time.time() > DEADLINE[0]:
         return {"exit": None, "skipped": "time budget of this command spent"}
     timeout = int(max(30, min(timeout, DEADLINE[0] + 60 - time.time())))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_port",
-           str(29500 + (hash(str(log)) % 1000)), "-m", "megatrain.train", *overrides]
+    port = port or 29500 + (hash(str(log)) % 1000)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_port", str(port),
+           "-m", "megatrain.train", *overrides]
     t0 = time.time()
     with open(log, "w") as f:
         try:
@@ -140,15 +142,28 @@ def base(args, data: str, run: Path, steps: int) -> list[str]:
 
 
 def run_curves(args, data: str, out: Path, env: dict) -> dict:
+    """Every layout of LAYOUTS on the same data; the 1-GPU runs side by side, one per GPU (they share nothing)."""
     res = {}
-    for name, n, extra in LAYOUTS:
-        gpus = min(n, args.max_gpus)
-        if gpus < n:
-            continue
+
+    def one(name: str, n: int, extra: list[str], run_env: dict, port: int = 0) -> None:
         run = out / "runs" / name
-        res[name] = torchrun(gpus, base(args, data, run, args.steps) + extra + args.curve_extra, out / f"{name}.log",
-                             env)
+        res[name] = torchrun(n, base(args, data, run, args.steps) + extra + args.curve_extra, out / f"{name}.log",
+                             run_env, port=port)
         res[name]["losses"] = losses(run)
+
+    singles = [(name, extra) for name, n, extra in LAYOUTS if n == 1]
+    slots = max(1, min(args.max_gpus, len(singles)))
+    for first in range(0, len(singles), slots):  # a wave of up to one run per GPU
+        wave = [threading.Thread(target=one, args=(name, 1, extra, dict(env, CUDA_VISIBLE_DEVICES=str(i)),
+                                                   29400 + i))
+                for i, (name, extra) in enumerate(singles[first:first + slots])]
+        for t in wave:
+            t.start()
+        for t in wave:
+            t.join()
+    for name, n, extra in LAYOUTS:
+        if 1 < n <= args.max_gpus:
+            one(name, n, extra, env)
     ref = res.get("1gpu", {}).get("losses", [])
     for name in res:
         got = res[name]["losses"]
@@ -200,6 +215,8 @@ def run_offload(args, data: str, out: Path, env: dict) -> dict:
     """The largest shapes that train on one GPU with ZeRO-3 and CPU offload of parameters and optimizer."""
     res = {}
     for name, mb, extra in OFFLOAD:
+        if args.offload_names and name not in args.offload_names.split(","):
+            continue
         run = out / "runs" / name
         offload = ["deepspeed.zero_stage=3", "deepspeed.offload=all", f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}"]
         over = common(data, run, args.offload_steps, 1) + ["train.precision=bf16"] + extra + offload + [
@@ -306,12 +323,13 @@ def main() -> int:
                    help="any of curves,convert,resume,scaling,big,offload,3d (3d: 8 ranks; convert: after curves)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--curve-batch", type=int, default=64, help="global batch (sequences of 1024) of the curves")
-    p.add_argument("--curve-lr", type=float, default=2e-4, help="peak learning rate of the curves")
+    p.add_argument("--curve-lr", type=float, default=5e-5, help="peak learning rate of the curves")
     p.add_argument("--curve-extra", nargs="*", default=[],
                    help="overrides added to every curve run, e.g. train.deterministic=true")
     p.add_argument("--big-steps", type=int, default=10, help="steps of each big-model run")
     p.add_argument("--big-names", default="", help="only these big-model runs (comma-separated names)")
     p.add_argument("--offload-steps", type=int, default=4, help="steps of each offload run")
+    p.add_argument("--offload-names", default="", help="only these offload runs (comma-separated names)")
     p.add_argument("--max-gpus", type=int, default=4)
     p.add_argument("--cpu-smoke", action="store_true", help="debug preset over gloo on CPU")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no run after this many seconds")

@@ -172,8 +172,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: matrices decay; norms, biases (every tensor of < 2 dims) do not."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+        if p.requires_grad:  # a ZeRO-3 parameter is an empty placeholder; ds_shape is its real shape
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -295,6 +295,28 @@ def canonical_named_parameters(module: nn.Module, cfg: ModelConfig) -> dict[str,
     return out
 
 
+def build_partitioned_model(cfg: Config, st: ParallelState, ctx: Ctx, ds_config: dict) -> LlamaModel:
+    """ZeRO-3: each parameter is cut into its data-parallel shards as soon as its module exists
+    (``deepspeed.zero.Init``), on the GPU or, with ``deepspeed.offload=all``, in host memory. No rank
+    ever holds the whole model, so the largest model is bounded by the memory of all ranks (and the
+    host), not by one GPU's; and nothing multi-GB is built only to be cut up.
+
+    The weights are then drawn part by part (one block gathered at a time), from the same seeded
+    generators as the unpartitioned model, so every layout starts from the same weights."""
+    import deepspeed
+
+    # ``mpu`` only sizes the batch check of the config; the group must be given as well, or zero.Init
+    # would cut each TP shard over every rank
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=st, data_parallel_group=st.get_data_parallel_group(),
+                             mem_efficient_linear=False):
+        module = LlamaModel(cfg.model, ctx)
+    for key, part in module.init_parts():
+        # every rank draws the same values; rank 0's are kept and re-partitioned
+        with deepspeed.zero.GatheredParameters(list(part.parameters()), modifier_rank=0):
+            part.reset_parameters(cfg.train.seed, key)
+    return module
+
+
 @dataclass
 class Built:
     engine: Any
@@ -319,6 +341,8 @@ def build_engine(cfg: Config, st: ParallelState, device: torch.device) -> Built:
     ctx = build_ctx(cfg, st, device)
     if st.pp_size > 1:
         module = build_pipeline_module(cfg, st, ctx).to(device)
+    elif cfg.deepspeed.zero_stage == 3:
+        module = build_partitioned_model(cfg, st, ctx, ds_config)
     else:
         with torch.device(device):
             module = LlamaModel(cfg.model, ctx)

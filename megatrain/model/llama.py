@@ -70,17 +70,19 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 class Rotary:
     """cos/sin tables, cached per (length, device). Not a buffer: DeepSpeed's ``module.bfloat16()``
-    would round a buffer to bf16, and RoPE angles at position 8K need fp32."""
+    would round a buffer to bf16, and RoPE angles at position 8K need fp32. Nothing is computed when
+    the model is built: under ``deepspeed.zero.Init`` (ZeRO-3) every floating tensor made then, even
+    a float64 one on the CPU, is cast to the training dtype."""
 
     def __init__(self, cfg: ModelConfig):
-        self.inv_freq = rope_inv_freq(cfg)
+        self.cfg = cfg
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (t, str(device))
         if key not in self._cache:
             pos = torch.arange(t, dtype=torch.float32, device="cpu")
-            freqs = torch.outer(pos, self.inv_freq.cpu())  # (T, D/2)
+            freqs = torch.outer(pos, rope_inv_freq(self.cfg))  # (T, D/2)
             emb = torch.cat([freqs, freqs], dim=-1)  # (T, D): "rotate half" layout, as Hugging Face Llama
             self._cache[key] = (emb.cos().to(device), emb.sin().to(device))
         return self._cache[key]
@@ -282,14 +284,18 @@ class LlamaModel(nn.Module):
     def head_weight(self) -> nn.Parameter:
         return self.embed.weight if self.head is None else self.head.weight
 
+    def init_parts(self) -> list[tuple[str, nn.Module]]:
+        """(key, module) for every part with its own ``reset_parameters(seed, key)``, in model order."""
+        parts = [("embed", self.embed)] + [(f"block{blk.layer_idx}", blk) for blk in self.blocks]
+        parts.append(("norm", self.norm))
+        if self.head is not None:
+            parts.append(("head", self.head))
+        return parts
+
     def init_weights(self, seed: int) -> None:
         """Deterministic, topology-independent initialisation (see ``init_tp_param``)."""
-        self.embed.reset_parameters(seed, "embed")
-        for blk in self.blocks:
-            blk.reset_parameters(seed, f"block{blk.layer_idx}")
-        self.norm.reset_parameters(seed, "norm")
-        if self.head is not None:
-            self.head.reset_parameters(seed, "head")
+        for key, part in self.init_parts():
+            part.reset_parameters(seed, key)
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C), after the final norm
         x = self.embed(tokens)

@@ -218,7 +218,8 @@ def run_offload(args, data: str, out: Path, env: dict) -> dict:
         if args.offload_names and name not in args.offload_names.split(","):
             continue
         run = out / "runs" / name
-        offload = ["deepspeed.zero_stage=3", "deepspeed.offload=all", f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}"]
+        offload = ["deepspeed.zero_stage=3", "deepspeed.offload=all", f"train.micro_batch_size={mb}",
+                   f"train.global_batch_size={mb}"]
         over = common(data, run, args.offload_steps, 1) + ["train.precision=bf16"] + extra + offload + [
             "train.seq_len=2048"]
         if args.cpu_smoke:

@@ -156,8 +156,7 @@ def _check_output_dirs(cfg) -> None:
     from megatrain.ckpt_layout import file_in_the_way
     from megatrain.config import ConfigError
 
-    run_dir = Path(cfg.run.dir)
-    wanted = [("run.dir", run_dir), ("run.dir", run_dir / "checkpoints")]
+    wanted = [("run.dir", Path(cfg.run.dir) / "checkpoints")]  # the walk up also covers run.dir itself
     if cfg.data.cache_dir:
         wanted.append(("data.cache_dir", Path(cfg.data.cache_dir)))
     for key, path in wanted:

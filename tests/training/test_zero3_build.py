@@ -25,7 +25,7 @@ def _build(tp: int, offload: str) -> dict:
     ds_config = build_ds_config(cfg, plan_batch(cfg.train, st.dp_size))
     model = build_partitioned_model(cfg, st, build_ctx(cfg, st, torch.device("cpu")), ds_config)
     ref = build_model(cfg.model, seed=11)  # unpartitioned, TP=1: what every layout starts from
-    out = {"held": 0, "total": 0, "mismatch": [], "decay_shapes": []}
+    out = {"held": 0, "total": 0, "mismatch": []}
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         out["held"] += p.ds_tensor.numel()
         out["total"] += q.numel()

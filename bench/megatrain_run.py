@@ -58,35 +58,23 @@ def build_config(a: argparse.Namespace):
 def build(a: argparse.Namespace, cfg):
     import deepspeed
 
-    from megatrain.engine import build_engine
+    from megatrain.data.batch import plan_batch
+    from megatrain.engine import build_ds_config, build_engine
     from megatrain.model import kernels
     from megatrain.parallel.state import ParallelState
 
     single_process_env()
     torch.cuda.set_device(0)
     deepspeed.init_distributed(dist_backend="nccl")
-    if a.igu:
-        _patch_ds_config({"bf16": {"immediate_grad_update": True}})
     st = ParallelState.build(1, 1)
-    built = build_engine(cfg, st, torch.device("cuda", 0))  # selects kernels from train.fused_kernels
+    plan = plan_batch(cfg.train, st.dp_size)
+    ds_config = build_ds_config(cfg, plan)
+    if a.igu:  # a bench experiment, not a config key
+        ds_config["bf16"] = {**ds_config.get("bf16", {}), "immediate_grad_update": True}
+    built = build_engine(cfg, st, torch.device("cuda", 0), plan, ds_config)  # selects kernels from train.fused_kernels
     # The SDPA backend order has no config key: apply the bench's choice after the engine's default.
     mode = kernels.configure_kernels(a.kernels, a.attention)
     return built, mode  # train.compile and train.activation_checkpointing were applied by build_engine
-
-
-def _patch_ds_config(extra: dict) -> None:
-    """Merge ``extra`` into the DeepSpeed config megatrain.engine builds (bench experiments only)."""
-    import megatrain.engine as eng
-
-    build = eng.build_ds_config
-
-    def patched(cfg, plan):
-        ds = build(cfg, plan)
-        for key, value in extra.items():
-            ds[key] = {**ds.get(key, {}), **value} if isinstance(value, dict) else value
-        return ds
-
-    eng.build_ds_config = patched
 
 
 def estimate_gib(cfg) -> float | None:

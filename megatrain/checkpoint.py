@@ -72,7 +72,7 @@ def _crash_point(phase: str, step: int) -> None:
 
 def local_model_tensors(tr: "Trainer") -> dict[str, torch.Tensor]:
     """This rank's canonical-named parameter shards on CPU (gathered across DP first under ZeRO-3)."""
-    from megatrain.engine import canonical_named_parameters
+    from megatrain.model.names import canonical_named_parameters
 
     params = canonical_named_parameters(tr.engine.module, tr.cfg.model)
     if tr.cfg.deepspeed.zero_stage == 3:
@@ -332,7 +332,7 @@ def _full_state(p: torch.nn.Parameter, base: Any, key: Optional[str]) -> torch.T
 def save_portable_optimizer(tr: "Trainer", tmp: Path) -> tuple[int, bool]:
     """Write ``optim/tpXX_ppYY.safetensors`` (DP rank 0): AdamW moments (and fp32 masters unless the run is
     fp32) under canonical names. Returns (AdamW step count, whether the files were written)."""
-    from megatrain.engine import canonical_named_parameters
+    from megatrain.model.names import canonical_named_parameters
 
     opt = tr.engine.optimizer
     step = optimizer_step_count(opt)
@@ -722,7 +722,7 @@ def _read_weights(tr: "Trainer", path: Path, params: dict) -> dict[str, torch.Te
 
 def load_portable(tr: "Trainer", path: Path, meta: dict) -> None:
     """Weights and AdamW state from the canonical files, cut for this run's TP/PP/DP and ZeRO stage."""
-    from megatrain.engine import canonical_named_parameters
+    from megatrain.model.names import canonical_named_parameters
 
     params = canonical_named_parameters(tr.engine.module, tr.cfg.model)
     weights = _read_weights(tr, path, params)
@@ -778,7 +778,7 @@ def apply_schedule(tr: "Trainer", step: int) -> None:
 def load_weights_only(tr: "Trainer", path: Path, meta: dict) -> None:
     """Model weights from the canonical shards (any TP/PP); the optimizer state starts fresh, the schedule and
     counters continue at the checkpoint's step."""
-    from megatrain.engine import canonical_named_parameters
+    from megatrain.model.names import canonical_named_parameters
 
     if not meta.get("weights_only"):
         log.warning("checkpoint %s: loading its weights only; the optimizer state restarts", path)

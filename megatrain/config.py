@@ -183,7 +183,7 @@ class TrainConfig:
     spike_zscore: float = _f(0.0, "treat a loss this many std above the recent mean as a spike (0 = off)", NON_NEGATIVE)
     spike_window: int = _f(100, "steps of loss history for the spike z-score", Range(2))
     max_wall_time: Optional[float] = _f(None, "seconds: save and exit with the requeue code before this budget runs out", POSITIVE)
-    activation_checkpointing: str = _f("none", "none | full | selective (recompute attention core + MLP activations)")
+    activation_checkpointing: str = _f("none", "none | full | selective (keep every GEMM and attention output, recompute the elementwise work: norms, RoPE, SwiGLU, residual adds)")
     fused_kernels: str = _f("auto", "auto (Triton on GPU, PyTorch elsewhere) | triton | torch")
     compile: bool = _f(False, "torch.compile each block")
     loss_chunk_tokens: int = _f(0, "tokens per chunk of the fused head + cross-entropy; 0 sizes chunks to ~256 MiB "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -19,9 +18,13 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from megatrain.config import Config, ConfigError, ModelConfig, OptimizerConfig, ScheduleConfig, TrainConfig
-from megatrain.model.llama import Ctx, LlamaModel, Part, head_logits, layer_parts, logits_loss
+from megatrain.config import Config, ConfigError
+from megatrain.data.batch import BatchPlan
+from megatrain.model.llama import Ctx, LlamaModel, head_logits, layer_parts, logits_loss
+from megatrain.model.names import pipeline_parts
+from megatrain.optim import build_optimizer, build_scheduler
 from megatrain.parallel.state import ParallelState
+from megatrain.parallelize import parallelize
 
 log = logging.getLogger(__name__)
 
@@ -31,34 +34,6 @@ _OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_a
                "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16",
                # DeepSpeed's other spellings of precision: "bfloat16" is bf16's alias, the others cast the forward
                "bfloat16", "torch_autocast", "amp")
-
-
-# --------------------------------------------------------------------------- batch arithmetic
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    micro_batch: int
-    grad_accum: int
-    dp_size: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.grad_accum * self.dp_size
-
-
-def plan_batch(train: TrainConfig, dp_size: int) -> BatchPlan:
-    """global batch = micro batch x gradient accumulation x DP size, or an error proposing valid values."""
-    mb = train.micro_batch_size
-    gb = train.global_batch_size or mb * dp_size
-    if gb % (mb * dp_size):
-        lo = max(mb * dp_size, (gb // (mb * dp_size)) * mb * dp_size)
-        hi = lo + mb * dp_size
-        mbs = [m for m in range(1, mb + 1) if gb % (m * dp_size) == 0]
-        hint = f"train.micro_batch_size={mbs[-1]}" if mbs else f"a data-parallel size dividing {gb}"
-        raise ConfigError(f"train.global_batch_size={gb} is not divisible by train.micro_batch_size x DP size = "
-                          f"{mb} x {dp_size}; use train.global_batch_size={lo} or {hi}, or keep {gb} with {hint}")
-    return BatchPlan(mb, gb // (mb * dp_size), dp_size)
 
 
 # --------------------------------------------------------------------------- DeepSpeed config
@@ -165,64 +140,6 @@ def _apply_offload(cfg: Config, zero: dict, name: str) -> None:
         zero.pop("offload_param", None)
 
 
-# --------------------------------------------------------------------------- optimizer and schedule
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: matrices decay; norms, biases (every tensor of < 2 dims) do not."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:  # a ZeRO-3 parameter is an empty placeholder; ds_shape is its real shape
-            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, opt: OptimizerConfig, offload: str) -> torch.optim.Optimizer:
-    """FusedAdam on GPU, DeepSpeed's CPU Adam with GPU offload, torch AdamW on CPU."""
-    groups = param_groups(model, opt.weight_decay)
-    kw = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
-    if torch.cuda.is_available():
-        if offload != "none":
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
-        from deepspeed.ops.adam import FusedAdam
-
-        return FusedAdam(groups, adam_w_mode=True, **kw)
-    return torch.optim.AdamW(groups, **kw)
-
-
-def lr_at(step: int, opt: OptimizerConfig, sch: ScheduleConfig, max_steps: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then decay to min_lr."""
-    peak, floor = opt.lr, opt.min_lr
-    if sch.warmup_steps and step < sch.warmup_steps:
-        return peak * (step + 1) / sch.warmup_steps
-    total = sch.decay_steps or max_steps
-    if sch.decay == "constant":
-        return peak
-    if sch.decay == "wsd":  # warmup, stable at peak, then linear cool-down over the last fraction
-        cool = max(1, int(total * sch.wsd_decay_fraction))
-        start = total - cool
-        if step < start:
-            return peak
-        frac = min(1.0, (step - start) / cool)
-        return peak - (peak - floor) * frac
-    span = max(1, total - sch.warmup_steps)
-    frac = min(1.0, max(0.0, (step - sch.warmup_steps) / span))
-    if sch.decay == "linear":
-        return peak - (peak - floor) * frac
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * frac))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
-    fn = functools.partial(_lr_factor, opt=cfg.optimizer, sch=cfg.schedule, max_steps=cfg.train.max_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
-
-
-def _lr_factor(step: int, opt: OptimizerConfig, sch: ScheduleConfig, max_steps: int) -> float:
-    return lr_at(step, opt, sch, max_steps) / opt.lr
-
-
 # --------------------------------------------------------------------------- models
 
 
@@ -231,8 +148,7 @@ def build_ctx(cfg: Config, st: ParallelState, device: torch.device) -> Ctx:
 
     rng = RNGTracker(device)
     rng.seed(cfg.train.seed, st.tp_rank)
-    return Ctx(tp_group=st.tp_group, rng=rng, device=device, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
-               checkpoint=cfg.train.activation_checkpointing)
+    return Ctx(tp_group=st.tp_group, rng=rng, device=device, loss_chunk_tokens=cfg.train.loss_chunk_tokens)
 
 
 def _tied_head_forward(module: nn.Module, h: torch.Tensor, tp_group: Any) -> torch.Tensor:
@@ -262,37 +178,6 @@ def build_pipeline_module(cfg: Config, st: ParallelState, ctx: Ctx) -> nn.Module
     for _, part, module in pipeline_parts(pipe, parts):
         module.reset_parameters(cfg.train.seed, part.name)
     return pipe
-
-
-def pipeline_parts(pipe: nn.Module, parts: list[Part]) -> list[tuple[str, Part, nn.Module]]:
-    """(module prefix, part, module) for every part this stage holds, tied ones once."""
-    out = []
-    for name, module in pipe.named_children():
-        if name.isdigit():
-            out.append((name + ".", parts[int(name)], module))
-    for key, module in getattr(pipe, "tied_modules", {}).items():
-        out.append((f"tied_modules.{key}.", parts[0], module))
-    return out
-
-
-def canonical_prefix(part: Part) -> str:
-    if part.name.startswith("block"):
-        return f"blocks.{part.name[5:]}."
-    return {"embed": "embed.", "norm": "norm.", "head": "head."}[part.name]
-
-
-def canonical_named_parameters(module: nn.Module, cfg: ModelConfig) -> dict[str, nn.Parameter]:
-    """This rank's parameters under canonical names (those of ``LlamaModel``), for a plain model or a
-    pipeline stage. A tied head on the last stage is left out: its weight is the embedding."""
-    if isinstance(module, LlamaModel):
-        return dict(module.named_parameters())
-    out = {}
-    for prefix, part, sub in pipeline_parts(module, layer_parts(cfg)):
-        if part.name == "head" and part.tie:
-            continue
-        for n, p in sub.named_parameters():
-            out[canonical_prefix(part) + n] = p
-    return out
 
 
 def build_partitioned_model(cfg: Config, st: ParallelState, ctx: Ctx, ds_config: dict) -> LlamaModel:
@@ -327,15 +212,16 @@ class Built:
     ctx: Ctx
 
 
-def build_engine(cfg: Config, st: ParallelState, device: torch.device) -> Built:
-    """Model, optimizer, schedule and the DeepSpeed engine (ParallelState as ``mpu`` unless pipelined)."""
+def build_engine(cfg: Config, st: ParallelState, device: torch.device, plan: BatchPlan, ds_config: dict) -> Built:
+    """Model, optimizer, schedule and the DeepSpeed engine (ParallelState as ``mpu`` unless pipelined).
+
+    ``plan`` and ``ds_config`` are the run's, made once at start-up (:func:`plan_batch`,
+    :func:`build_ds_config`) so that every check on them has already run before any data is read."""
     import deepspeed
 
     from megatrain.model import kernels
 
     mode = kernels.configure_kernels(cfg.train.fused_kernels)  # before any module exists
-    plan = plan_batch(cfg.train, st.dp_size)
-    ds_config = build_ds_config(cfg, plan)
     # Wrap the existing process group as DeepSpeed's comm backend; PipelineModule needs it already.
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
     ctx = build_ctx(cfg, st, device)
@@ -347,10 +233,7 @@ def build_engine(cfg: Config, st: ParallelState, device: torch.device) -> Built:
         with torch.device(device):
             module = LlamaModel(cfg.model, ctx)
         module.init_weights(cfg.train.seed)
-    if cfg.train.compile:
-        from megatrain.kernels.compile import apply_compile
-
-        apply_compile(module, cfg.train.seq_len)
+    parallelize(module, cfg.train)
     optimizer = build_optimizer(module, cfg.optimizer, cfg.deepspeed.offload)
     scheduler = build_scheduler(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(

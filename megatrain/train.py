@@ -69,7 +69,7 @@ def resolve_config(args: argparse.Namespace):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from megatrain.logs import setup_logging
+    from megatrain.telemetry.logs import setup_logging
 
     args = parse_args(argv)
     setup_logging()
@@ -85,7 +85,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         setup_logging(cfg.logging.level, all_ranks=cfg.logging.all_ranks)
         if args.dry_run:
             from megatrain.config import ConfigError
-            from megatrain.report import dry_run_report
+            from megatrain.telemetry.report import dry_run_report
 
             world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
             if world < 1:
@@ -130,12 +130,13 @@ def train_with(cfg, st, device):
     """Everything after the process group exists: data, engine, the loop. Returns the Trainer."""
     import torch.distributed as dist
 
-    from megatrain.engine import build_ds_config, build_engine, plan_batch
-    from megatrain.report import start_report
+    from megatrain.data.batch import plan_batch
+    from megatrain.engine import build_ds_config, build_engine
+    from megatrain.telemetry.report import start_report
     from megatrain.trainer import Trainer
 
     plan = plan_batch(cfg.train, st.dp_size)  # batch and template errors before any data is touched
-    build_ds_config(cfg, plan)
+    ds_config = build_ds_config(cfg, plan)
     _check_output_dirs(cfg)
     tokenizer = _prepare_data(cfg, st)
     datasets, fingerprints = _build_datasets(cfg, st, plan, tokenizer)
@@ -145,7 +146,7 @@ def train_with(cfg, st, device):
         log.info(start_report(cfg, st.world_size, st.dp_size, plan))
     dist.barrier()
     torch_seed(cfg.train.seed)
-    built = build_engine(cfg, st, device)
+    built = build_engine(cfg, st, device, plan, ds_config)
     trainer = Trainer(cfg, st, built, datasets, run_dir, device, tokenizer=tokenizer, fingerprints=fingerprints)
     trainer.exit_code = trainer.train()
     return trainer

@@ -14,11 +14,12 @@ import torch.distributed as dist
 from megatrain import checkpoint as ckpt
 from megatrain import resilience as res
 from megatrain.config import Config
-from megatrain.engine import Built, lr_at
-from megatrain.metrics import MetricsSink, device_peak_tflops, format_step_line, peak_memory_gib
+from megatrain.engine import Built
+from megatrain.optim import lr_at
+from megatrain.telemetry.metrics import MetricsSink, device_peak_tflops, format_step_line, peak_memory_gib
 from megatrain.model.accounting import flops_per_token
 from megatrain.parallel.state import ParallelState
-from megatrain.pipe_timing import PipelineTimer, format_report
+from megatrain.telemetry.pipe_timing import PipelineTimer, format_report
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ class Trainer:
         if self.built.is_pipeline:
             log.info("text samples are skipped under pipeline parallelism (evaluation loss still runs)")
             return []
-        from megatrain.generate import generate
+        from megatrain.model.generate import generate
 
         module = self.engine.module
         module.eval()

@@ -41,7 +41,7 @@ def estimate_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int, tp: int
     without sequence parallelism and with flash attention (no s^2 term): s*b*h*(10 + 24/t) bytes in
     16-bit (doubled in fp32); 1F1B keeps ``pp`` micro-batches in flight on the first stage, which
     holds L/pp layers, so the stage holds about L layers' worth. Full recomputation keeps only each
-    layer's input plus one layer's working set. Selective recomputation (megatrain/kernels/checkpointing.py)
+    layer's input plus one layer's working set. Selective recomputation (megatrain/parallelize.py)
     keeps the layer input and the outputs of every GEMM and of attention: q/k/v, the attention output,
     the output projection, gate and up, and the down projection."""
     n = num_params(cfg)

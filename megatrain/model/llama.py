@@ -97,7 +97,6 @@ class Ctx:
     device: Optional[torch.device] = None
     dtype: Optional[torch.dtype] = None
     loss_chunk_tokens: int = 0
-    checkpoint: str = "none"  # none | full | selective
 
 
 class Attention(nn.Module):
@@ -157,27 +156,16 @@ class Block(nn.Module):
         self.std = cfg.init_std
         self.out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.dropout = cfg.dropout
-        self.checkpoint = ctx.checkpoint
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.device)
         self.attn = Attention(cfg, ctx)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.device)
         self.mlp = MLP(cfg, ctx)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        # Recomputation and compile wrap this from outside (megatrain.parallelize).
         a = F.dropout(self.attn(self.attn_norm(x)), self.dropout, self.training)
         x, h = kernels.add_rms_norm(x, a, self.mlp_norm.weight, self.mlp_norm.eps)  # x + a, and its norm
         return x + F.dropout(self.mlp(h), self.dropout, self.training)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        if self.checkpoint == "selective" and self.training and torch.is_grad_enabled():
-            from megatrain.kernels.checkpointing import selective_checkpoint
-
-            return selective_checkpoint(self._forward, x)  # keep GEMM/attention outputs, recompute the rest
-        if self.checkpoint == "full" and self.training and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
 
     def reset_parameters(self, seed: int, key: str) -> None:
         init_tp_param(self.attn.qkv.weight, self.std, f"{key}.attn.qkv", seed)
@@ -312,12 +300,12 @@ class LlamaModel(nn.Module):
 
 
 def build_model(cfg: ModelConfig, *, tp_group: Any = None, device: Any = None, seed: Optional[int] = None,
-                loss_chunk_tokens: int = 0, checkpoint: str = "none") -> LlamaModel:
+                loss_chunk_tokens: int = 0) -> LlamaModel:
     """Build (and, given a seed, initialise) the TP-sharded model on ``device``."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     tp_rank, _ = tp_info(tp_group)
     rng = RNGTracker(device)
-    ctx = Ctx(tp_group=tp_group, rng=rng, device=device, loss_chunk_tokens=loss_chunk_tokens, checkpoint=checkpoint)
+    ctx = Ctx(tp_group=tp_group, rng=rng, device=device, loss_chunk_tokens=loss_chunk_tokens)
     model = LlamaModel(cfg, ctx)
     if seed is not None:
         model.init_weights(seed)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from megatrain.testing import run_distributed
+from megatrain.launch.testing import run_distributed
 
 STEPS = 4
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatrain.testing import run_distributed
+from megatrain.launch.testing import run_distributed
 
 STEPS, SAVED = 6, 3
 RTOL = 1e-5

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatrain import ckpt_layout as layout
-from megatrain.testing import run_distributed
+from megatrain.launch.testing import run_distributed
 from tests.convert.conftest import convert, debug_config, make_checkpoint
 
 

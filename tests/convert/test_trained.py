@@ -10,7 +10,7 @@ import torch
 
 from megatrain import ckpt_layout as layout
 from megatrain.config import Config
-from megatrain.testing import run_distributed
+from megatrain.launch.testing import run_distributed
 from tests.convert.conftest import assert_hf_export_matches, convert, make_hf_llama
 
 pytest.importorskip("transformers")

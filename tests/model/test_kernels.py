@@ -22,7 +22,7 @@ from megatrain.config import ConfigError, load_config
 from megatrain.kernels.linear_ce import TORCH_OPS, auto_chunk_tokens, linear_cross_entropy
 from megatrain.model import build_model, kernels
 from megatrain.parallel import IGNORE_INDEX, copy_to_tp, fused_linear_cross_entropy, shard_of
-from megatrain.testing import run_distributed
+from megatrain.launch.testing import run_distributed
 
 TOL = 1e-5
 
@@ -123,7 +123,7 @@ def test_model_loss_and_grads_do_not_depend_on_the_kernel_mode(mode):
 
 
 def test_selective_checkpointing_keeps_loss_and_gradients():
-    from megatrain.kernels.checkpointing import selective_checkpoint
+    from megatrain.parallelize import selective_checkpoint
 
     cfg = load_config(None, ["model.preset=debug"]).model
     tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
@@ -132,7 +132,7 @@ def test_selective_checkpointing_keeps_loss_and_gradients():
         model = build_model(cfg, seed=5, loss_chunk_tokens=16)
         if selective:
             for blk in model.blocks:
-                blk.forward = (lambda b: lambda x: selective_checkpoint(b._forward, x))(blk)
+                blk.forward = (lambda f: lambda x: selective_checkpoint(f, x))(blk.forward)
         loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
@@ -149,7 +149,7 @@ def test_expanded_kv_attention_equals_grouped_query():
 
 
 def test_apply_compile_shares_rope_tables_and_keeps_results():
-    from megatrain.kernels.compile import apply_compile
+    from megatrain.parallelize import apply_compile
 
     cfg = load_config(None, ["model.preset=debug"]).model
     tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))

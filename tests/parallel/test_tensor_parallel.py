@@ -8,7 +8,7 @@ from megatrain.config import load_config
 from megatrain.model import build_model
 from megatrain.parallel import IGNORE_INDEX, ParallelState, fused_linear_cross_entropy, shard_of
 from megatrain.parallel import vocab_parallel_cross_entropy
-from megatrain.testing import run_distributed
+from megatrain.launch.testing import run_distributed
 
 RTOL = 1e-5
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatrain.testing import run_distributed
+from megatrain.launch.testing import run_distributed
 
 STEPS = 10
 RTOL = 1e-4

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from megatrain.testing import run_distributed
+from megatrain.launch.testing import run_distributed
 from megatrain.train import main
 from tests.conftest import build_pattern_dataset
 

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from megatrain.metrics import MetricsSink, format_step_line
+from megatrain.telemetry.metrics import MetricsSink, format_step_line
 
 
 def test_step_line_has_every_field():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from megatrain.config import ConfigError, load_config
-from megatrain.pipe_timing import bubble_fraction
-from megatrain.testing import run_distributed
+from megatrain.telemetry.pipe_timing import bubble_fraction
+from megatrain.launch.testing import run_distributed
 
 
 def test_bubble_arithmetic():

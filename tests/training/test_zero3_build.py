@@ -4,7 +4,7 @@ weights are the ones every other layout starts from."""
 import pytest
 import torch
 
-from megatrain.testing import run_distributed
+from megatrain.launch.testing import run_distributed
 
 
 def _build(tp: int, offload: str) -> dict:
@@ -12,7 +12,9 @@ def _build(tp: int, offload: str) -> dict:
     import torch.distributed as dist
 
     from megatrain.config import load_config
-    from megatrain.engine import build_ctx, build_ds_config, build_partitioned_model, param_groups, plan_batch
+    from megatrain.data.batch import plan_batch
+    from megatrain.engine import build_ctx, build_ds_config, build_partitioned_model
+    from megatrain.optim import param_groups
     from megatrain.model import build_model
     from megatrain.parallel import ParallelState, shard_of
 

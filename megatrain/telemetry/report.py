@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from megatrain.config import Config, config_to_yaml
-from megatrain.engine import BatchPlan, plan_batch
-from megatrain.metrics import human_count
+from megatrain.data.batch import BatchPlan, plan_batch
+from megatrain.telemetry.metrics import human_count
 from megatrain.model.accounting import estimate_memory, flops_per_token, num_params
 
 

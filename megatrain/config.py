@@ -185,7 +185,16 @@ class TrainConfig:
     max_wall_time: Optional[float] = _f(None, "seconds: save and exit with the requeue code before this budget runs out", POSITIVE)
     activation_checkpointing: str = _f("none", "none | full | selective (keep every GEMM and attention output, recompute the elementwise work: norms, RoPE, SwiGLU, residual adds)")
     fused_kernels: str = _f("auto", "auto (Triton on GPU, PyTorch elsewhere) | triton | torch")
-    compile: bool = _f(False, "torch.compile each block")
+    compile: bool = _f(False, "torch.compile each block (FP8 on a GPU turns it on: its casts need fusing)")
+    fp8: str = _f("off", "FP8 GEMMs in the block linears (torchao recipes): off | tensorwise (one scale per tensor, "
+                         "fastest) | rowwise (per-row scales, powers of 2, e4m3 gradients) | rowwise_with_gw_hp "
+                         "(rowwise, weight gradient GEMM in bf16). GPU: compute capability >= 8.9 and "
+                         "precision bf16; CPU: emulated (bf16 or fp32)")
+    fp8_filter: str = _f("auto", "which block linears run in FP8: auto (torchao's size thresholds on the local "
+                                 "GEMM: small GEMMs lose to the casts) | all (every one whose dims are multiples "
+                                 "of 16)")
+    fp8_exclude: list = _f([], "regexes of block linear names kept in bf16 (names like blocks.0.attn.qkv, "
+                               "blocks.3.mlp.down; re.search)")
     loss_chunk_tokens: int = _f(0, "tokens per chunk of the fused head + cross-entropy; 0 sizes chunks to ~256 MiB "
                                    "of fp32 logits", NON_NEGATIVE)
 
@@ -532,6 +541,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _choice("train.nonfinite", t.nonfinite, ("skip", "abort"))
     _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
     _choice("train.fused_kernels", t.fused_kernels, ("auto", "triton", "torch"))
+    _check_fp8(t)
     _choice("schedule.decay", cfg.schedule.decay, ("cosine", "linear", "constant", "wsd"))
     _choice("deepspeed.offload", cfg.deepspeed.offload, ("none", "optimizer", "all"))
     _choice("checkpoint.verify", cfg.checkpoint.verify, ("off", "sizes", "full"))
@@ -606,6 +616,22 @@ def _check_partition(spec: str) -> None:
         re.compile(spec[len("type:"):], re.IGNORECASE)
     except re.error as e:
         raise ConfigError(f"{key}={spec!r}: the regex after 'type:' does not compile ({e})") from None
+
+
+def _check_fp8(t: TrainConfig) -> None:
+    """train.fp8 keys; the checks that need the device and torchao run at start (parallel.fp8.check_fp8)."""
+    import re
+
+    _choice("train.fp8", t.fp8, ("off", "tensorwise", "rowwise", "rowwise_with_gw_hp"))
+    _choice("train.fp8_filter", t.fp8_filter, ("auto", "all"))
+    for pattern in t.fp8_exclude:
+        try:
+            re.compile(str(pattern))
+        except re.error as e:
+            raise ConfigError(f"train.fp8_exclude: {pattern!r} is not a regex ({e})") from None
+    if t.fp8 != "off" and t.precision == "fp16":
+        raise ConfigError("train.fp8 with train.precision=fp16: FP8 keeps bf16 activations and gradients between "
+                          "its GEMMs; use train.precision=bf16")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

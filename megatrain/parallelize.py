@@ -5,7 +5,7 @@ that rewrites how its blocks run is applied here, after the model (or the
 pipeline stage) exists and before DeepSpeed wraps it:
 
     1. (sequence parallelism: the TP layers' communication pattern)
-    2. (FP8: the GEMMs of the TP linears)
+    2. FP8 GEMMs in the block linears apply_fp8 (megatrain.parallel.fp8)
     3. activation recomputation   apply_activation_checkpointing
     4. torch.compile of each block apply_compile
 
@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from megatrain.model.llama import Block
+from megatrain.parallel.fp8 import apply_fp8, fp8_compiles
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ def blocks_of(model: nn.Module) -> list[Block]:
 @functools.lru_cache(maxsize=1)
 def _saved_ops() -> frozenset:
     aten = torch.ops.aten
+    # mm covers the FP8 GEMMs too: torch.mm on torchao's Float8TrainingTensor is what this policy sees
+    # (the _scaled_mm, or the emulated fp32 mm, runs inside the subclass); _scaled_mm is listed for
+    # traces that desugar the subclass (torch.compile)
     names = ("mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_efficient_attention",
              "_flash_attention_forward", "_efficient_attention_forward")
@@ -129,8 +133,14 @@ def apply_compile(model: nn.Module, seq_len: Optional[int] = None, mode: Optiona
 
 
 def parallelize(model: nn.Module, train: Any) -> nn.Module:
-    """Apply what ``train`` (the run's TrainConfig) asks for, in the fixed order above; returns ``model``."""
+    """Apply what ``train`` (the run's TrainConfig) asks for, in the fixed order above; returns ``model``.
+
+    FP8 on a GPU turns compile on (:func:`megatrain.parallel.fp8.fp8_compiles` says why)."""
+    fp8 = getattr(train, "fp8", "off")
+    if fp8 != "off":
+        apply_fp8(model, fp8, rule=train.fp8_filter, exclude=train.fp8_exclude)
     apply_activation_checkpointing(model, train.activation_checkpointing)
-    if train.compile:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if train.compile or fp8_compiles(train, device.type):
         apply_compile(model, train.seq_len)
     return model

@@ -135,6 +135,9 @@ def train_with(cfg, st, device):
     from megatrain.telemetry.report import start_report
     from megatrain.trainer import Trainer
 
+    from megatrain.parallel.fp8 import check_fp8
+
+    check_fp8(cfg.train, device)  # torchao, GPU capability and precision, before any data is touched
     plan = plan_batch(cfg.train, st.dp_size)  # batch and template errors before any data is touched
     ds_config = build_ds_config(cfg, plan)
     _check_output_dirs(cfg)

@@ -18,7 +18,7 @@ TP size, initialisation, checkpoints and conversion are TP-invariant.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -82,7 +82,8 @@ class ColumnParallelLinear(nn.Module):
         self.tp_rank, self.tp_size = tp_info(tp_group)
         self.in_features, self.gather_output, self.init_std = in_features, gather_output, init_std
         local = _split_shape(out_shape, split_dim, self.tp_size, type(self).__name__)
-        self.out_features_local = math.prod(local)
+        self.out_features_local, self.in_features_local = math.prod(local), in_features
+        self.fp8_gemm: Optional[Callable] = None  # set by megatrain.parallelize (FP8): the local GEMM
         self.weight = mark_tp(nn.Parameter(torch.empty(*local, in_features, dtype=dtype, device=device)),
                               split_dim, (*out_shape, in_features), self.tp_rank)
         self.bias = None
@@ -93,7 +94,11 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tp(x, self.tp_group)
         b = None if self.bias is None else self.bias.view(-1)
-        y = F.linear(x, self.weight.view(self.out_features_local, self.in_features), b)
+        if self.fp8_gemm is not None:
+            y = self.fp8_gemm(x, self.weight)  # (..., out_local), casts per shard; communication stays bf16
+            y = y if b is None else y + b
+        else:
+            y = F.linear(x, self.weight.view(self.out_features_local, self.in_features), b)
         return gather_from_tp(y, self.tp_group) if self.gather_output else y
 
 
@@ -114,6 +119,8 @@ class RowParallelLinear(nn.Module):
         self.tp_rank, self.tp_size = tp_info(tp_group)
         self.input_is_parallel, self.init_std = input_is_parallel, init_std
         local = _split_shape((out_features, in_features), 1, self.tp_size, type(self).__name__)
+        self.out_features_local, self.in_features_local = local
+        self.fp8_gemm: Optional[Callable] = None  # set by megatrain.parallelize (FP8): the local GEMM
         self.weight = mark_tp(nn.Parameter(torch.empty(*local, dtype=dtype, device=device)), 1,
                               (out_features, in_features), self.tp_rank)
         self.bias = None
@@ -124,7 +131,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.tp_group)
-        y = reduce_from_tp(F.linear(x, self.weight), self.tp_group)
+        local = F.linear(x, self.weight) if self.fp8_gemm is None else self.fp8_gemm(x, self.weight)
+        y = reduce_from_tp(local, self.tp_group)  # bf16 all-reduce of the partial sums, FP8 or not
         return y if self.bias is None else y + self.bias
 
 

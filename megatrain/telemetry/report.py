@@ -31,9 +31,23 @@ def _summary(cfg: Config, world: int, dp: int, plan: BatchPlan) -> list[str]:
         f"compute: {fpt / 1e9:.2f} GFLOP/token (PaLM: 6N + 12 L h s) | {t.max_steps:,} steps = "
         f"{human_count(tokens)} tokens = {fpt * tokens:.3e} FLOPs (6ND-style) | Chinchilla-optimal "
         f"{human_count(20 * n['total'])} tokens (20/param; this run is {tokens / (20 * n['total']):.2%} of it)",
+        _fp8_line(cfg),
         "memory per GPU (estimate): " + ", ".join(f"{k} {v:.2f} GiB" for k, v in gib.items() if k != "total")
         + f" | total {gib['total']:.2f} GiB",
     ]
+
+
+def _fp8_line(cfg: Config) -> str:
+    import torch
+
+    from megatrain.parallel.fp8 import describe_plan, fp8_compiles, plan_fp8
+
+    t = cfg.train
+    if t.fp8 == "off":
+        return "fp8: off"
+    gpu = torch.cuda.is_available()
+    compile_on = t.compile or fp8_compiles(t, "cuda" if gpu else "cpu")
+    return describe_plan(plan_fp8(cfg.model, cfg.parallel.tensor, t), t.fp8, compile_on)
 
 
 def start_report(cfg: Config, world: int, dp: int, plan: BatchPlan) -> str:

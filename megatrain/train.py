@@ -210,8 +210,7 @@ def _prepare_data(cfg, st):
 def _build_datasets(cfg, st, plan, tokenizer):
     from megatrain.data.loader import build_datasets, data_fingerprint
 
-    n_train = cfg.train.max_steps * plan.global_batch
-    n_valid = max(1, cfg.eval.steps) * plan.micro_batch * st.dp_size
+    n_train, n_valid = plan.train_samples(cfg.train.max_steps), plan.eval_samples(cfg.eval.steps)
     datasets = build_datasets(cfg.data, seq_len=cfg.train.seq_len, num_samples={"train": n_train, "valid": n_valid},
                               seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
                               tokenizer_sha256=tokenizer.sha256 if tokenizer else None)

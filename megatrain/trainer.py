@@ -67,10 +67,10 @@ class Trainer:
         ds = self.datasets.get("valid")
         if ds is None or len(ds) == 0:
             return None
-        mb, dp = self.built.plan.micro_batch, self.st.dp_size
+        plan = self.built.plan
         # The same leading samples of the valid split at every evaluation, so evals are comparable.
-        return build_micro_batches(ds, micro_batch_size=mb, global_batch_size=mb * dp, dp_rank=self.st.dp_rank,
-                                   dp_size=dp, consumed_samples=0)
+        return build_micro_batches(ds, micro_batch_size=plan.micro_batch, global_batch_size=plan.eval_batch,
+                                   dp_rank=self.st.dp_rank, dp_size=plan.dp_size, consumed_samples=0)
 
     # ------------------------------------------------------------------ steps
 

@@ -1,4 +1,4 @@
-"""The on-disk layout of a megatrain checkpoint: names, atomic writes, integrity, discovery.
+"""The on-disk layout of a megatrain checkpoint: names, model shards, meta, manifest, completion.
 
 Torch-free formats only (safetensors for tensors, JSON for everything else), so that a
 checkpoint can be inspected, verified and converted without unpickling anything::

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from megatrain.config import Config
 from megatrain.data.batch import BatchPlan
+from megatrain.engine import internals
 from megatrain.model.llama import Ctx, LlamaModel, head_logits, layer_parts, logits_loss
 from megatrain.model.names import pipeline_parts
 from megatrain.optim import build_optimizer, build_scheduler
@@ -102,6 +103,7 @@ def build_engine(cfg: Config, st: ParallelState, device: torch.device, plan: Bat
     from megatrain.model import kernels
 
     mode = kernels.configure_kernels(cfg.train.fused_kernels)  # before any module exists
+    internals.check_version()
     # Wrap the existing process group as DeepSpeed's comm backend; PipelineModule needs it already.
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
     ctx = build_ctx(cfg, st, device)

@@ -5,7 +5,7 @@ that rewrites how its blocks run is applied here, after the model (or the
 pipeline stage) exists and before DeepSpeed wraps it:
 
     1. (sequence parallelism: the TP layers' communication pattern)
-    2. FP8 GEMMs in the block linears apply_fp8 (megatrain.parallel.fp8)
+    2. FP8 GEMMs in the block linears apply_fp8 (the GEMM: megatrain.parallel.fp8)
     3. activation recomputation   apply_activation_checkpointing
     4. torch.compile of each block apply_compile
 
@@ -26,7 +26,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from megatrain.model.llama import Block
-from megatrain.parallel.fp8 import apply_fp8, fp8_compiles
+from megatrain.parallel.fp8 import RECIPES, Float8Gemm, LinearChoice, choose, fp8_compiles
+from megatrain.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,46 @@ CHECKPOINT_MODES = ("none", "full", "selective")
 def blocks_of(model: nn.Module) -> list[Block]:
     """Every transformer block in ``model`` (a LlamaModel or a pipeline stage), in order."""
     return [m for m in model.modules() if isinstance(m, Block)]
+
+
+# --------------------------------------------------------------------------- FP8
+
+
+def fp8_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(canonical name, module) of every column/row-parallel linear inside a transformer block."""
+    out = []
+    for blk in (m for m in model.modules() if isinstance(m, Block)):
+        for sub, mod in blk.named_modules():
+            if isinstance(mod, (ColumnParallelLinear, RowParallelLinear)):
+                out.append((f"blocks.{blk.layer_idx}.{sub}", mod))
+    return out
+
+
+def apply_fp8(model: nn.Module, recipe: str, *, rule: str = "auto", exclude: Optional[list[str]] = None,
+              emulate: Optional[bool] = None) -> list[LinearChoice]:
+    """Route the chosen block linears' local GEMMs through FP8; returns the decision for each.
+
+    Only a callable is attached (``module.fp8_gemm``); parameters, their names and the state dict are
+    untouched, so checkpoints stay FP8-free and a run resumes with FP8 on or off. ``emulate`` defaults
+    to "not on a GPU"."""
+    if recipe not in RECIPES:
+        raise ValueError(f"train.fp8={recipe!r}: choose one of {', '.join(RECIPES)}")
+    if recipe == "off":
+        return []
+    found = fp8_linears(model)
+    if emulate is None:
+        device = next((p.device for _, m in found for p in m.parameters()), torch.device("cpu"))
+        emulate = device.type != "cuda"
+    gemm = Float8Gemm.build(recipe, emulate)
+    choices = []
+    for name, mod in found:
+        c = choose(name, mod.weight.numel() // mod.in_features_local, mod.in_features_local, recipe, rule,
+                   exclude or [])
+        mod.fp8_gemm = gemm if c.fp8 else None
+        choices.append(c)
+    log.info("FP8 (%s%s): %d of %d block linears", recipe, ", emulated" if emulate else "",
+             sum(c.fp8 for c in choices), len(choices))
+    return choices
 
 
 # --------------------------------------------------------------------------- activation recomputation

@@ -16,7 +16,8 @@ import torch.distributed as dist
 pytest.importorskip("torchao")
 
 from megatrain.launch.testing import run_distributed  # noqa: E402
-from megatrain.parallel.fp8 import Float8Gemm, apply_fp8, choose  # noqa: E402
+from megatrain.parallel.fp8 import Float8Gemm, choose  # noqa: E402
+from megatrain.parallelize import apply_fp8  # noqa: E402
 from megatrain.parallel.layers import ColumnParallelLinear, RowParallelLinear, init_tp_param  # noqa: E402
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2

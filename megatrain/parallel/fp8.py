@@ -35,10 +35,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-log = logging.getLogger(__name__)
-
 RECIPES = ("off", "tensorwise", "rowwise", "rowwise_with_gw_hp")
-FILTERS = ("auto", "all")
 TORCHAO_MIN, TORCHAO_BELOW = (0, 18), (0, 19)  # the supported torchao range: >= 0.18, < 0.19
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) or newer
 DIM_MULTIPLE = 16
@@ -91,7 +88,8 @@ def check_fp8(train: Any, device: torch.device) -> bool:
                             f"Set train.fp8=off")
     if train.precision != "bf16":
         raise _config_error(f"train.fp8={train.fp8} with train.precision={train.precision}: on a GPU FP8 needs "
-                            f"train.precision=bf16 (torch._scaled_mm has no fp32 output for every recipe)")
+                            f"train.precision=bf16 (an FP8 run is a bf16 run whose block GEMMs take FP8 operands; fp32 "
+                            f"activations would double the memory traffic of every cast)")
     return False
 
 

@@ -13,17 +13,15 @@ import torch
 pytest.importorskip("torchao")
 
 from megatrain.launch.testing import run_distributed  # noqa: E402
+from tests.tiny import tiny_run  # noqa: E402
 
 BF16_TOL = 0.01  # FP8 vs bf16 loss, per step, relative: bf16 vs fp32 is held to 0.02 (test_main.py)
 TP_TOL = 0.005  # FP8 TP=2 vs TP=1 loss, relative: per-shard scales, fp32 between the GEMMs
-ZERO_TOL = 1e-4  # FP8 ZeRO-3 vs ZeRO-1: the same FP8 GEMMs, only the sharding and gathers differ
+ZERO_TOL = 1e-4  # FP8 ZeRO-3 vs ZeRO-1, PP=2 vs PP=1: the same FP8 GEMMs on the same tensors
 
 
 def _args(data: str, run_dir: str, steps: int) -> list[str]:
-    return ["model.preset=debug", f"data.path={data}", "data.split=100,0,0", f"run.dir={run_dir}",
-            f"train.max_steps={steps}", "train.seq_len=32", "train.global_batch_size=4", "train.resume=never",
-            "logging.interval=1", "eval.steps=0", "eval.sample_tokens=0", "checkpoint.save_at_end=false",
-            "optimizer.lr=3e-3", "schedule.warmup_steps=2", "train.fp8_filter=all"]
+    return tiny_run(data, run_dir, steps, "train.resume=never", "checkpoint.save_at_end=false", "train.fp8_filter=all")
 
 
 def _train(data: str, run_dir: str, steps: int, extra: list[str]):
@@ -62,16 +60,22 @@ def test_fp8_tracks_bf16_for_20_steps_and_differs(pattern_dataset, tmp_path):
         assert losses != ref, recipe  # FP8 really ran
 
 
-def test_fp8_tp2_tracks_tp1_and_zero3_tracks_zero1(pattern_dataset, tmp_path):
+def test_fp8_tp2_tracks_tp1_and_pp2_zero3_match(pattern_dataset, tmp_path):
     common = ["train.precision=fp32", "train.fp8=tensorwise"]
     one = run_distributed(_many, 1, pattern_dataset, str(tmp_path / "one"), 8,
                           {"tp1": common + ["train.micro_batch_size=4"]})[0]
     two = run_distributed(_many, 2, pattern_dataset, str(tmp_path / "two"), 8, {
         "tp2": common + ["train.micro_batch_size=4", "parallel.tensor=2"],
+        "pp2": common + ["train.micro_batch_size=2", "parallel.pipeline=2"],
         "zero1": common + ["train.micro_batch_size=2", "deepspeed.zero_stage=1"],
-        "zero3": common + ["train.micro_batch_size=2", "deepspeed.zero_stage=3"]})[0]
+        # recomputation re-runs the FP8 forward while ZeRO-3 re-gathers the weights for the backward
+        "zero3": common + ["train.micro_batch_size=2", "deepspeed.zero_stage=3",
+                           "train.activation_checkpointing=selective"]})[0]
     assert all(n == 8 for _, n in (one["tp1"], two["tp2"], two["zero1"], two["zero3"]))
+    assert two["pp2"][1] == 4  # each stage holds one of the two blocks
     assert _worst(two["tp2"][0], one["tp1"][0]) <= TP_TOL, _worst(two["tp2"][0], one["tp1"][0])
+    # per-tensor scales see a micro-batch: PP=2 (2 x 2 samples) is compared with DP=2 (2 samples a rank)
+    assert _worst(two["pp2"][0], two["zero1"][0]) <= ZERO_TOL, _worst(two["pp2"][0], two["zero1"][0])
     assert _worst(two["zero3"][0], two["zero1"][0]) <= ZERO_TOL, _worst(two["zero3"][0], two["zero1"][0])
 
 

@@ -169,7 +169,7 @@ def describe_plan(choices: list[LinearChoice], recipe: str, compile_on: Optional
             if excluded else "")
     shapes = ", ".join(parts)
     comp = {None: "", True: "; torch.compile on (FP8 needs its casts fused)",
-            False: "; eager (emulated FP8)"}[compile_on]
+            False: "; no GPU here: emulated and eager (on a GPU FP8 turns torch.compile on)"}[compile_on]
     return (f"fp8: {recipe}, {len(chosen)} of {len(choices)} block linears (local n x k: {shapes}{tail}); "
             f"head, loss and embedding stay in the run precision, as does communication; scales per TP shard{comp}")
 

@@ -70,8 +70,8 @@ def apply_fp8(model: nn.Module, recipe: str, *, rule: str = "auto", exclude: Opt
     gemm = Float8Gemm.build(recipe, emulate)
     choices = []
     for name, mod in found:
-        c = choose(name, mod.weight.numel() // mod.in_features_local, mod.in_features_local, recipe, rule,
-                   exclude or [])
+        # shapes from the layer, not its weight: under ZeRO-3 the weight holds no data outside forward
+        c = choose(name, mod.out_features_local, mod.in_features_local, recipe, rule, exclude or [])
         mod.fp8_gemm = gemm if c.fp8 else None
         choices.append(c)
     log.info("FP8 (%s%s): %d of %d block linears", recipe, ", emulated" if emulate else "",

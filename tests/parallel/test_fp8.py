@@ -16,7 +16,7 @@ import torch.distributed as dist
 pytest.importorskip("torchao")
 
 from megatrain.launch.testing import run_distributed  # noqa: E402
-from megatrain.parallel.fp8 import Float8Gemm, choose  # noqa: E402
+from megatrain.parallel.fp8 import Float8Gemm, choose, plan_fp8  # noqa: E402
 from megatrain.parallelize import apply_fp8  # noqa: E402
 from megatrain.parallel.layers import ColumnParallelLinear, RowParallelLinear, init_tp_param  # noqa: E402
 
@@ -146,12 +146,36 @@ def _tp_pair(recipe: str) -> dict:
     return out
 
 
+def _plan_matches_model(tp_group) -> bool:
+    """plan_fp8 (config only) against apply_fp8 on a model built on the meta device, auto rule, for
+    shapes where some linears pass and some do not (TinyLlama at TP=2 under rowwise)."""
+    from megatrain.config import load_config
+    from megatrain.model.llama import Ctx, LlamaModel
+    from megatrain.parallel.layers import tp_info
+
+    big = load_config(None, ["model.preset=tinyllama-1.1b", "model.num_layers=2"]).model
+    for recipe in ("tensorwise", "rowwise"):
+        train = load_config(None, [f"train.fp8={recipe}"]).train
+        with torch.device("meta"):
+            meta = LlamaModel(big, Ctx(tp_group=tp_group))
+        plan = plan_fp8(big, tp_info(tp_group)[1], train)
+        if plan != apply_fp8(meta, recipe, emulate=True) or all(c.fp8 for c in plan) != (recipe == "tensorwise"):
+            return False
+    return True
+
+
 def _tp_pairs(recipes: list[str]) -> dict:
-    return {r: _tp_pair(r) for r in recipes}  # one set of processes for all recipes (start-up dominates)
+    from megatrain.parallel.state import ParallelState
+
+    out = {r: _tp_pair(r) for r in recipes}  # one set of processes for all recipes (start-up dominates)
+    out["plan"] = _plan_matches_model(ParallelState.build(tp_size=dist.get_world_size()).tp_group)
+    return out
 
 
 def test_tp2_fp8_matches_tp1_fp8():
-    for recipe, got in run_distributed(_tp_pairs, 2, ["tensorwise", "rowwise"])[0].items():
+    results = run_distributed(_tp_pairs, 2, ["tensorwise", "rowwise"])[0]
+    assert results.pop("plan")  # the start report's plan at TP=2 is what the TP=2 model does
+    for recipe, got in results.items():
         assert got["tp1_col_vs_shard_reference"] <= EXACT and got["tp2_col_vs_shard_reference"] <= EXACT, recipe
         for i, what in enumerate(("y", "dx")):
             exact, tp1, tp2 = got["exact"][i], got["tp1"][i], got["tp2"][i]
@@ -182,6 +206,11 @@ def test_only_block_linears_are_converted_and_state_dict_is_unchanged():
                                                   "blocks.0.mlp.down", "blocks.1.attn.qkv", "blocks.1.mlp.gate_up",
                                                   "blocks.1.mlp.down"]
     assert model.head.proj.fp8_gemm is None and model.blocks[1].attn.o.fp8_gemm is None
+    # the start report's plan, made from the config alone, is the decision apply_fp8 takes
+    train = load_config(None, ["train.fp8=tensorwise", "train.fp8_filter=all",
+                               r"train.fp8_exclude=[^blocks\.1\.attn\.o$]"]).train
+    assert plan_fp8(cfg, 1, train) == choices
+    assert _plan_matches_model(None)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(v.dtype.itemsize == 1 and v.is_floating_point() for v in after.values())
@@ -245,6 +274,8 @@ def _zero3_saved(recipe: str) -> dict:
     built = build_engine(cfg, st, torch.device("cpu"), plan, ds_config)
     engine, module = built.engine, built.module
     linears = [lin for blk in module.blocks for lin in (blk.attn.qkv, blk.attn.o, blk.mlp.gate_up, blk.mlp.down)]
+    # partitioned weights hold no data here: the decisions must still see the shard shapes
+    plan_ok = apply_fp8(module, recipe, rule="all", emulate=True) == plan_fp8(cfg.model, 1, cfg.train)
     gathered, held = [], []
     for lin in linears:  # runs after DeepSpeed's own pre-hook has gathered the weight
         lin.register_forward_pre_hook(lambda m, i: gathered.append(m.weight.numel() > 0))
@@ -261,12 +292,12 @@ def _zero3_saved(recipe: str) -> dict:
     released = all(lin.weight.numel() == 0 for lin in linears)
     engine.backward(loss)
     engine.step()
-    return {"held": held, "gathered": sum(gathered), "released": released, "loss": loss.item(),
+    return {"held": held, "gathered": sum(gathered), "released": released, "plan_ok": plan_ok, "loss": loss.item(),
             "fp8": sum(lin.fp8_gemm is not None for lin in linears)}
 
 
 def test_zero3_fp8_does_not_keep_gathered_weights_until_backward():
     got = run_distributed(_zero3_saved, 2, "tensorwise")
-    assert all(g["gathered"] == 8 and g["released"] and g["fp8"] == 8 for g in got), got
+    assert all(g["gathered"] == 8 and g["released"] and g["fp8"] == 8 and g["plan_ok"] for g in got), got
     assert all(g["held"] == [] for g in got), got
     assert all(math.isfinite(g["loss"]) for g in got)

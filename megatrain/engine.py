@@ -83,7 +83,9 @@ def build_ds_config(cfg: Config, plan: BatchPlan) -> dict:
     _check_zero_section(zero, name)
     t = cfg.train
     ds.update({
-        "train_batch_size": plan.global_batch,
+        # DeepSpeed's data-parallel group is data x context (parallel/state.py): to it, each context
+        # rank's slice of a sample is a sample, so its batch is parallel.context times ours.
+        "train_batch_size": plan.global_batch * cfg.parallel.context,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
         "gradient_clipping": cfg.optimizer.grad_clip,
@@ -104,6 +106,11 @@ def build_ds_config(cfg: Config, plan: BatchPlan) -> dict:
     if cfg.parallel.pipeline > 1:
         pipe = ds.setdefault("pipeline", {})
         pipe["activation_checkpoint_interval"] = cfg.parallel.activation_checkpoint_interval
+        if cfg.parallel.sequence_parallel:
+            # DeepSpeed cuts each activation sent between stages over the TP ranks and all-gathers it on
+            # arrival, which assumes TP ranks hold the same activation; under SP each holds other tokens
+            # (already 1/tp of the sequence, so there is nothing left to save by cutting).
+            pipe["pipe_partitioned"] = pipe["grad_partitioned"] = False
     if not torch.cuda.is_available() or cfg.deepspeed.offload != "none":
         # Lets DeepSpeed drive torch's AdamW where its compiled CPU Adam is not wanted (CPU runs).
         ds["zero_force_ds_cpu_optimizer"] = False
@@ -148,11 +155,12 @@ def build_ctx(cfg: Config, st: ParallelState, device: torch.device) -> Ctx:
 
     rng = RNGTracker(device)
     rng.seed(cfg.train.seed, st.tp_rank)
-    return Ctx(tp_group=st.tp_group, rng=rng, device=device, loss_chunk_tokens=cfg.train.loss_chunk_tokens)
+    return Ctx(tp_group=st.tp_group, rng=rng, device=device, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+               sequence_parallel=cfg.parallel.sequence_parallel, cp_group=st.cp_group if st.cp_size > 1 else None)
 
 
-def _tied_head_forward(module: nn.Module, h: torch.Tensor, tp_group: Any) -> torch.Tensor:
-    return head_logits(module.weight, h, tp_group)
+def _tied_head_forward(module: nn.Module, h: torch.Tensor, tp_group: Any, sequence_parallel: bool) -> torch.Tensor:
+    return head_logits(module.weight, h, tp_group, sequence_parallel)
 
 
 def build_pipeline_module(cfg: Config, st: ParallelState, ctx: Ctx) -> nn.Module:
@@ -164,14 +172,15 @@ def build_pipeline_module(cfg: Config, st: ParallelState, ctx: Ctx) -> nn.Module
     specs = []
     for i, part in enumerate(parts):
         if part.tie and i == len(parts) - 1:
-            fwd = functools.partial(_tied_head_forward, tp_group=st.tp_group)
+            fwd = functools.partial(_tied_head_forward, tp_group=st.tp_group, sequence_parallel=ctx.sequence_parallel)
             specs.append(TiedLayerSpec(part.tie, part.cls, cfg.model, ctx, forward_fn=fwd, tied_weight_attr="weight"))
         elif part.tie:
             specs.append(TiedLayerSpec(part.tie, part.cls, cfg.model, ctx, tied_weight_attr="weight"))
         else:
             specs.append(LayerSpec(part.cls, cfg.model, ctx, *part.args))
-    topo = PipeModelDataParallelTopology(num_pp=st.pp_size, num_mp=st.tp_size, num_dp=st.dp_size)
-    loss = functools.partial(logits_loss, tp_group=st.tp_group)
+    # DeepSpeed's data axis is our data x context ranks (same rank order, parallel/state.py)
+    topo = PipeModelDataParallelTopology(num_pp=st.pp_size, num_mp=st.tp_size, num_dp=st.dp_size * st.cp_size)
+    loss = functools.partial(logits_loss, tp_group=st.tp_group, cp_group=ctx.cp_group)
     pipe = PipelineModule(layers=specs, topology=topo, loss_fn=loss,
                           partition_method=cfg.parallel.pipeline_partition,
                           activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval)

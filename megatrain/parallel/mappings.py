@@ -32,6 +32,11 @@ import torch
 import torch.distributed as dist
 
 
+# torch 2.13 renamed the flat-tensor collectives (the old names warn); same semantics
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _size(group: Optional[Any]) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
@@ -66,7 +71,7 @@ def _gather_seq(x: torch.Tensor, group: Any) -> torch.Tensor:
         return x
     xs = x.movedim(1, 0).contiguous()  # (T/p, B, ...)
     out = xs.new_empty((n * xs.shape[0], *xs.shape[1:]))
-    dist.all_gather_into_tensor(out, xs, group=group)
+    _ALL_GATHER(out, xs, group=group)
     return out.movedim(0, 1)  # (B, T, ...)
 
 
@@ -78,8 +83,9 @@ def _reduce_scatter_seq(x: torch.Tensor, group: Any) -> torch.Tensor:
         raise ValueError(f"sequence parallelism: sequence length {x.shape[1]} is not divisible by the TP size {n}")
     xs = x.movedim(1, 0).contiguous()  # (T, B, ...)
     out = xs.new_empty((xs.shape[0] // n, *xs.shape[1:]))
-    dist.reduce_scatter_tensor(out, xs, group=group)
-    return out.movedim(0, 1)  # (B, T/p, ...)
+    _REDUCE_SCATTER(out, xs, group=group)
+    # contiguous: this is the residual stream, which the pipeline engine sends between stages as is
+    return out.movedim(0, 1).contiguous()  # (B, T/p, ...)
 
 
 def _split_seq(x: torch.Tensor, group: Any) -> torch.Tensor:

@@ -323,6 +323,10 @@ register_preset("llama2-70b", hidden_size=8192, num_layers=80, num_heads=64, num
                 ffn_hidden_size=28672, vocab_size=32000, max_seq_len=4096)
 register_preset("llama3-8b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                 ffn_hidden_size=14336, vocab_size=128256, rope_theta=500000.0, max_seq_len=8192)
+# Llama 3.1 8B: the Llama 3 8B shape with a 128K context (RoPE scaling factor 8, as Meta's config)
+register_preset("llama3.1-8b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                ffn_hidden_size=14336, vocab_size=128256, rope_theta=500000.0, max_seq_len=131072,
+                rope_scaling={**_L3_SCALING, "factor": 8.0})
 register_preset("llama3-70b", hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
                 ffn_hidden_size=28672, vocab_size=128256, rope_theta=500000.0, max_seq_len=8192)
 register_preset("llama3.2-1b", hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
@@ -532,7 +536,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}")
     validate_sequence_split(cfg)
     if t.seq_len > m.max_seq_len:
-        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise "
+                          f"model.max_seq_len (with model.rope_scaling for a long context), or use a long-context "
+                          f"preset such as llama3.1-8b")
     _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
     _choice("train.nonfinite", t.nonfinite, ("skip", "abort"))
     _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))

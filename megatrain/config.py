@@ -592,6 +592,12 @@ def validate_sequence_split(cfg: Config) -> None:
     if t.seq_len % p.context:
         raise ConfigError(f"train.seq_len={t.seq_len} is not divisible by parallel.context={p.context}: each "
                           f"context rank holds an equal contiguous slice; use a multiple of {p.context}")
+    if (p.sequence_parallel or p.context > 1) and m.dropout > 0:
+        # The dropout streams are per TP rank (megatrain.parallel.random); with the sequence split, ranks
+        # holding other tokens would repeat one mask pattern over the slices. LLaMA pretraining uses 0.
+        raise ConfigError(f"model.dropout={m.dropout} with parallel.sequence_parallel / parallel.context > 1 is "
+                          f"not supported (the dropout masks would repeat across sequence slices); set "
+                          f"model.dropout=0")
     local = t.seq_len // p.context
     if p.sequence_parallel and local % p.tensor:
         what = f"train.seq_len / parallel.context = {local}" if p.context > 1 else f"train.seq_len={t.seq_len}"

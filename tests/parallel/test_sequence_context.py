@@ -89,6 +89,7 @@ def test_sequence_and_context_parallel_match_one_process():
     (["parallel.context=8"], r"model.num_heads=4 is not divisible by parallel.tensor x parallel.context"),
     (["model.num_heads=12", "model.num_kv_heads=3", "model.hidden_size=96", "parallel.context=4"],
      "one must divide the other"),
+    (["parallel.context=2", "model.dropout=0.1"], "dropout masks would repeat"),
 ])
 def test_sequence_split_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):  # load_config validates what needs no world size

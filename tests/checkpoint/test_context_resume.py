@@ -1,6 +1,6 @@
-"""A checkpoint saved with the sequence split (CP=2 x TP=2 with sequence parallelism, 4 ranks) resumes on
-one process and continues the same loss curve (1e-5), records the context degree in its topology, and
-converts to Hugging Face with logits matching megatrain's."""
+"""Training with the sequence split (CP=2 x TP=2 with sequence parallelism, ZeRO-1, 4 ranks) follows the
+one-process loss curve (1e-5); its checkpoint records the context degree, resumes on one process and
+continues the same curve (1e-5), and converts to Hugging Face with logits matching megatrain's."""
 
 from __future__ import annotations
 
@@ -36,8 +36,19 @@ def runs(pattern_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("context_resume")
     split = run_distributed(_train, 4, pattern_dataset, str(root / "split"), SPLIT, timeout_s=600)[0]
     ckpt = root / "split" / "checkpoints" / f"step_{SAVED:08d}"
-    resumed = run_distributed(_train, 1, pattern_dataset, str(root / "one"), [f"train.resume={ckpt}"])[0]
-    return split, resumed, ckpt, root
+    one = run_distributed(_many, 1, pattern_dataset, str(root), {"one": [], "resumed": [f"train.resume={ckpt}"]})[0]
+    return split, one["resumed"], ckpt, one["one"]
+
+
+def _many(data: str, root: str, runs: dict[str, list[str]]) -> dict[str, dict[int, float]]:
+    return {name: _train(data, f"{root}/{name}", extra) for name, extra in runs.items()}
+
+
+def test_split_training_follows_one_process(runs):
+    split, _, _, one = runs
+    assert sorted(split) == sorted(one) == list(range(1, STEPS + 1))
+    errs = {s: abs(split[s] - one[s]) / abs(one[s]) for s in one}
+    assert max(errs.values()) <= RTOL, f"CP=2 x TP=2 + SP vs 1 process: relative loss errors {errs}"
 
 
 def test_resumed_on_one_process_continues_the_curve(runs):

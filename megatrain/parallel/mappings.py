@@ -10,7 +10,6 @@ Each forward collective has the adjoint collective in backward:
 | gather_from_tp      | all-gather along the last dim    | keep this rank's slice        |
 | gather_seq          | all-gather along the sequence    | reduce-scatter along it       |
 | reduce_scatter_seq  | reduce-scatter along the sequence| all-gather along it           |
-| split_seq           | keep this rank's sequence slice  | all-gather along it           |
 
 The ``*_seq`` functions are Megatron's sequence-parallel pair (Korthikanti et al.
 2022): between the TP regions each rank holds T/p tokens, an all-gather enters a
@@ -119,17 +118,6 @@ class _ReduceScatterSeq(torch.autograd.Function):
         return _gather_seq(g, ctx.group), None
 
 
-class _SplitSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):  # type: ignore[override]
-        ctx.group = group
-        return _split_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        return _gather_seq(g, ctx.group), None
-
-
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):  # type: ignore[override]
@@ -197,11 +185,6 @@ def gather_seq(x: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
 def reduce_scatter_seq(x: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
     """(B, T, ...) partial sums -> (B, T/p, ...) summed: leave a row-parallel region under SP."""
     return x if _size(group) == 1 else _ReduceScatterSeq.apply(x, group)
-
-
-def split_seq(x: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
-    """(B, T, ...) replicated -> this rank's (B, T/p, ...) slice (gradient all-gathered back)."""
-    return x if _size(group) == 1 else _SplitSeq.apply(x, group)
 
 
 def all_reduce_tp(x: torch.Tensor, group: Optional[Any], op: Any = None) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Ten training steps through the real engine (DeepSpeed, data loader, trainer) with the sequence split:
-sequence parallelism with ZeRO-1, ZeRO-3 and PP=2; context parallelism with ZeRO-0, ZeRO-3 and PP=2.
+sequence parallelism with ZeRO-1 (and selective recomputation), ZeRO-3 and PP=2; context parallelism with
+ZeRO-0, ZeRO-3 (and full recomputation) and PP=2.
 Every curve must match one process's within 1e-5 relative (fp32). CP=2 x TP=2 with SP trains (and
 is compared with one process) in tests/checkpoint/test_context_resume.py, which also resumes it."""
 
@@ -54,10 +55,13 @@ SP = ["parallel.tensor=2", "parallel.sequence_parallel=true"]
 
 def test_sp_and_cp_on_two_ranks(single, pattern_dataset, tmp_path):
     layouts = {
-        "sp_zero1": ["train.micro_batch_size=4", "deepspeed.zero_stage=1"] + SP,
+        # recomputation re-runs the sequence collectives in backward: selective here, full with CP below
+        "sp_zero1_selective": ["train.micro_batch_size=4", "deepspeed.zero_stage=1",
+                               "train.activation_checkpointing=selective"] + SP,
         "sp_zero3": ["train.micro_batch_size=4", "deepspeed.zero_stage=3"] + SP,
         "cp2_zero0": ["train.micro_batch_size=2", "deepspeed.zero_stage=0", "parallel.context=2"],
-        "cp2_zero3": ["train.micro_batch_size=4", "deepspeed.zero_stage=3", "parallel.context=2"],
+        "cp2_zero3_full": ["train.micro_batch_size=4", "deepspeed.zero_stage=3", "parallel.context=2",
+                           "train.activation_checkpointing=full"],
     }
     got = run_distributed(_many, 2, pattern_dataset, str(tmp_path), layouts, timeout_s=600)
     for rank, per_rank in enumerate(got):

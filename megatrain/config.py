@@ -122,9 +122,13 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the world is cut: TP innermost, then DP, then PP. DP is what is left."""
+    """How the world is cut: TP innermost, then context (CP), then DP, then PP. DP is what is left."""
 
     tensor: int = _f(1, "tensor-parallel size (ranks that split every weight matrix)", POSITIVE)
+    sequence_parallel: bool = _f(False, "Megatron sequence parallelism inside the TP group: norms and the residual "
+                                 "stream hold seq_len / tensor tokens per rank (needs parallel.tensor >= 2)")
+    context: int = _f(1, "context-parallel size (DeepSpeed-Ulysses): ranks that split every sequence, with an "
+                      "all-to-all around attention", POSITIVE)
     pipeline: int = _f(1, "pipeline-parallel size (stages)", POSITIVE)
     pipeline_partition: str = _f("parameters", "how blocks are placed on stages: parameters | uniform | type:<regex>")
     activation_checkpoint_interval: int = _f(0, "pipeline only: checkpoint every N layers (0 = off)", NON_NEGATIVE)
@@ -328,6 +332,10 @@ register_preset("llama2-70b", hidden_size=8192, num_layers=80, num_heads=64, num
                 ffn_hidden_size=28672, vocab_size=32000, max_seq_len=4096)
 register_preset("llama3-8b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                 ffn_hidden_size=14336, vocab_size=128256, rope_theta=500000.0, max_seq_len=8192)
+# Llama 3.1 8B: the Llama 3 8B shape with a 128K context (RoPE scaling factor 8, as Meta's config)
+register_preset("llama3.1-8b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                ffn_hidden_size=14336, vocab_size=128256, rope_theta=500000.0, max_seq_len=131072,
+                rope_scaling={**_L3_SCALING, "factor": 8.0})
 register_preset("llama3-70b", hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
                 ffn_hidden_size=28672, vocab_size=128256, rope_theta=500000.0, max_seq_len=8192)
 register_preset("llama3.2-1b", hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
@@ -535,8 +543,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           f"pad the vocabulary to a multiple of it")
     if m.num_layers % p.pipeline:
         raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}")
+    validate_sequence_split(cfg)
     if t.seq_len > m.max_seq_len:
-        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise "
+                          f"model.max_seq_len (with model.rope_scaling for a long context), or use a long-context "
+                          f"preset such as llama3.1-8b")
     _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
     _choice("train.nonfinite", t.nonfinite, ("skip", "abort"))
     _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
@@ -582,11 +593,47 @@ def validate_model(m: ModelConfig) -> None:
                           f"{m.ffn_dim_multiplier} is {m.ffn_size}; set model.ffn_hidden_size")
 
 
+def validate_sequence_split(cfg: Config) -> None:
+    """Sequence parallelism and context parallelism: what the sequence and the heads must divide into."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if p.sequence_parallel and p.tensor < 2:
+        raise ConfigError(f"parallel.sequence_parallel=true needs parallel.tensor >= 2 (it is {p.tensor}): sequence "
+                          f"parallelism splits the tensor-parallel group's tokens; set parallel.tensor or drop it")
+    if t.seq_len % p.context:
+        raise ConfigError(f"train.seq_len={t.seq_len} is not divisible by parallel.context={p.context}: each "
+                          f"context rank holds an equal contiguous slice; use a multiple of {p.context}")
+    if (p.sequence_parallel or p.context > 1) and m.dropout > 0:
+        # The dropout streams are per TP rank (megatrain.parallel.random); with the sequence split, ranks
+        # holding other tokens would repeat one mask pattern over the slices. LLaMA pretraining uses 0.
+        raise ConfigError(f"model.dropout={m.dropout} with parallel.sequence_parallel / parallel.context > 1 is "
+                          f"not supported (the dropout masks would repeat across sequence slices); set "
+                          f"model.dropout=0")
+    local = t.seq_len // p.context
+    if p.sequence_parallel and local % p.tensor:
+        what = f"train.seq_len / parallel.context = {local}" if p.context > 1 else f"train.seq_len={t.seq_len}"
+        raise ConfigError(f"{what} is not divisible by parallel.tensor={p.tensor} (parallel.sequence_parallel "
+                          f"splits it over the TP ranks); use a train.seq_len that is a multiple of "
+                          f"{p.tensor * p.context}")
+    if p.context == 1:
+        return
+    if m.num_heads % (p.tensor * p.context):
+        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tensor x parallel.context = "
+                          f"{p.tensor} x {p.context}: context parallelism gives each rank whole query heads; "
+                          f"choose sizes whose product divides the head count")
+    kv_local = m.kv_heads // p.tensor
+    if kv_local % p.context and p.context % kv_local:
+        raise ConfigError(f"model.num_kv_heads / parallel.tensor = {kv_local} KV heads per TP rank and "
+                          f"parallel.context={p.context}: one must divide the other (KV heads are split over the "
+                          f"context ranks when divisible, replicated when fewer); change parallel.context")
+
+
 def validate_world(cfg: Config, world_size: int) -> None:
     p = cfg.parallel
-    if world_size % (p.tensor * p.pipeline):
-        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
-                          f"{p.tensor} x {p.pipeline}; launch a multiple of {p.tensor * p.pipeline} processes")
+    n = p.tensor * p.context * p.pipeline
+    if world_size % n:
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.context x "
+                          f"parallel.pipeline = {p.tensor} x {p.context} x {p.pipeline}; launch a multiple of {n} "
+                          f"processes")
 
 
 def _check_ranges(section: Any, prefix: str = "") -> None:

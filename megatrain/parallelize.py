@@ -4,10 +4,13 @@ The model file stays plain PyTorch plus the tensor-parallel layers; everything
 that rewrites how its blocks run is applied here, after the model (or the
 pipeline stage) exists and before DeepSpeed wraps it:
 
-    1. (sequence parallelism: the TP layers' communication pattern)
-    2. FP8 GEMMs in the block linears apply_fp8 (the GEMM: megatrain.parallel.fp8)
-    3. activation recomputation   apply_activation_checkpointing
-    4. torch.compile of each block apply_compile
+    1. FP8 GEMMs in the block linears apply_fp8 (the GEMM: megatrain.parallel.fp8)
+    2. activation recomputation   apply_activation_checkpointing
+    3. torch.compile of each block apply_compile
+
+Sequence and context parallelism are not a step here: they are chosen when the parts are built
+(``Ctx.sequence_parallel`` / ``Ctx.cp_group``, see docs/architecture.md), so that the pipeline's
+LayerSpecs and the plain model get the same layers; the steps below wrap whatever forward that is.
 
 The order matters: recomputation must wrap the FP8 / sequence-parallel forward
 it recomputes, and compile must see the final forward (recomputation included)

@@ -119,7 +119,7 @@ def run(cfg) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     try:
         validate_world(cfg, dist.get_world_size())
-        st = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
+        st = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context)
         return train_with(cfg, st, device).exit_code
     finally:
         if dist.is_initialized():

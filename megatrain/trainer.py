@@ -59,7 +59,7 @@ class Trainer:
         return build_micro_batches(self.datasets["train"], micro_batch_size=self.built.plan.micro_batch,
                                    global_batch_size=self.built.plan.global_batch, dp_rank=self.st.dp_rank,
                                    dp_size=self.st.dp_size, consumed_samples=self.consumed_samples,
-                                   num_workers=self.cfg.data.num_workers)
+                                   num_workers=self.cfg.data.num_workers, context=(self.st.cp_rank, self.st.cp_size))
 
     def _eval_batches(self) -> Optional[Iterator]:
         from megatrain.data.loader import build_micro_batches
@@ -70,7 +70,8 @@ class Trainer:
         plan = self.built.plan
         # The same leading samples of the valid split at every evaluation, so evals are comparable.
         return build_micro_batches(ds, micro_batch_size=plan.micro_batch, global_batch_size=plan.eval_batch,
-                                   dp_rank=self.st.dp_rank, dp_size=plan.dp_size, consumed_samples=0)
+                                   dp_rank=self.st.dp_rank, dp_size=plan.dp_size, consumed_samples=0,
+                                   context=(self.st.cp_rank, self.st.cp_size))
 
     # ------------------------------------------------------------------ steps
 
@@ -252,6 +253,10 @@ class Trainer:
             return []
         if self.built.is_pipeline:
             log.info("text samples are skipped under pipeline parallelism (evaluation loss still runs)")
+            return []
+        if self.cfg.parallel.sequence_parallel or self.st.cp_size > 1:
+            log.info("text samples are skipped under sequence/context parallelism (a prompt's length is no multiple "
+                     "of the split; evaluation loss still runs)")
             return []
         from megatrain.model.generate import generate
 

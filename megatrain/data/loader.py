@@ -249,13 +249,19 @@ class MicroBatchSampler:
 
     Batches are assembled ahead of time: by a background thread (``num_workers=0``) or by a torch
     DataLoader with worker processes. Memory is pinned when CUDA is available.
+
+    ``context=(rank, size)``: context parallelism; every rank of a context group reads the same samples
+    (they share a DP rank) and keeps its contiguous 1/size of each sequence, (micro_batch, seq_len/size).
+    Labels are shifted before the slice, so the label of a slice's last token is the next slice's first.
     """
 
     def __init__(self, dataset, *, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int,
                  consumed_samples: int = 0, prefetch: int = 4, num_workers: int = 0,
-                 pin_memory: Optional[bool] = None):
+                 pin_memory: Optional[bool] = None, context: tuple[int, int] = (0, 1)):
         check_batch_arguments(micro_batch_size, global_batch_size, dp_rank, dp_size, consumed_samples)
         import torch
+
+        self.context = context
 
         self.dataset = _Wrapped(dataset)
         self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
@@ -293,6 +299,15 @@ class MicroBatchSampler:
         return self
 
     def __next__(self) -> tuple:
+        tokens, labels = self._next_whole()
+        if self.context[1] == 1:
+            return tokens, labels
+        from megatrain.parallel.context import context_slice
+
+        rank, size = self.context
+        return context_slice(tokens, rank, size), context_slice(labels, rank, size)
+
+    def _next_whole(self) -> tuple:
         if self._iter is not None:
             return next(self._iter)
         while True:
@@ -312,8 +327,9 @@ class MicroBatchSampler:
 
 
 def build_micro_batches(dataset, *, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int,
-                        consumed_samples: int, num_workers: int = 0, prefetch: int = 4) -> MicroBatchSampler:
+                        consumed_samples: int, num_workers: int = 0, prefetch: int = 4,
+                        context: tuple[int, int] = (0, 1)) -> MicroBatchSampler:
     """This DP rank's (tokens, labels) micro-batches, in order, forever (see :class:`MicroBatchSampler`)."""
     return MicroBatchSampler(dataset, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
                              dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples,
-                             num_workers=num_workers, prefetch=prefetch)
+                             num_workers=num_workers, prefetch=prefetch, context=context)

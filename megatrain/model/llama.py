@@ -8,6 +8,10 @@ plain model (:class:`LlamaModel`) and the pipeline stages (``engine.py`` wraps
 
 Shapes: B batch, T sequence, C hidden, H query heads (this rank's), K KV heads
 (this rank's), D head dim, F FFN width (this rank's), V vocabulary (this rank's).
+
+Packed documents (``data.document_mask``): ``position_ids`` (B, T), each token's position in its
+document, goes with the tokens and through every block; attention is then block-causal and RoPE
+uses those positions (:mod:`megatrain.model.documents`). Without it every path is the plain causal one.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 
 from megatrain.config import ModelConfig
 from megatrain.model import kernels
+from megatrain.model.documents import layout_for
 from megatrain.parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
 from megatrain.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                        init_tp_param, tp_info)
@@ -97,6 +102,7 @@ class Ctx:
     device: Optional[torch.device] = None
     dtype: Optional[torch.dtype] = None
     loss_chunk_tokens: int = 0
+    document_positions: bool = True  # with position_ids: RoPE restarts per document (else 0..T-1)
 
 
 class Attention(nn.Module):
@@ -108,6 +114,7 @@ class Attention(nn.Module):
         self.kv_local = cfg.kv_heads // tp
         self.dropout = cfg.dropout
         self.rng = ctx.rng
+        self.document_positions = ctx.document_positions
         self.rotary = Rotary(cfg)
         # One GEMM for Q, K and V, grouped by KV head so that a TP split takes whole groups:
         # canonical weight (kv_heads, q_per_kv + 2, D, C) = per group [q_0 .. q_{r-1}, k, v].
@@ -116,19 +123,23 @@ class Attention(nn.Module):
         self.o = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp_group=ctx.tp_group,
                                    device=ctx.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.qkv(x).view(b, t, self.kv_local, self.q_per_kv + 2, self.head_dim)  # (B, T, K, r+2, D)
-        cos, sin = self.rotary.tables(t, x.device)
+        docs = None if position_ids is None else layout_for(position_ids)  # built once per micro-batch
+        if docs is not None and self.document_positions:
+            cos, sin = docs.rope_tables(self.rotary)  # (B, T, D): positions restart per document
+        else:
+            cos, sin = self.rotary.tables(t, x.device)  # (T, D)
         # q (B, T, H, D) with head h using KV h // r; k, v (B, T, K, D); q and k rotated
         q, k, v = kernels.split_qkv_rope(qkv, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
         p = self.dropout if self.training else 0.0
         if p > 0 and self.rng is not None:
             with self.rng.fork():  # heads are split over TP ranks: each rank drops its own pattern
-                y = kernels.attention(q, k, v, p)
+                y = kernels.attention(q, k, v, p, docs)
         else:
-            y = kernels.attention(q, k, v, p)
+            y = kernels.attention(q, k, v, p, docs)
         y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*D)
         return self.o(y)
 
@@ -161,9 +172,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.device)
         self.mlp = MLP(cfg, ctx)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # (B, T, C) -> (B, T, C); position_ids (B, T) makes attention document-aware.
         # Recomputation and compile wrap this from outside (megatrain.parallelize).
-        a = F.dropout(self.attn(self.attn_norm(x)), self.dropout, self.training)
+        a = F.dropout(self.attn(self.attn_norm(x), position_ids), self.dropout, self.training)
         x, h = kernels.add_rms_norm(x, a, self.mlp_norm.weight, self.mlp_norm.eps)  # x + a, and its norm
         return x + F.dropout(self.mlp(h), self.dropout, self.training)
 
@@ -247,12 +259,43 @@ class Part:
     tie: Optional[str] = None
 
 
+class PipeEmbedding(Embedding):
+    """The embedding as a pipeline stage's first layer: tokens -> x, or (tokens, position_ids) ->
+    (x, position_ids), so the document layout travels between stages with the hidden states."""
+
+    def forward(self, inputs):  # type: ignore[override]
+        if isinstance(inputs, tuple):
+            tokens, position_ids = inputs
+            return super().forward(tokens), position_ids
+        return super().forward(inputs)
+
+
+class PipeBlock(Block):
+    """A block in the pipeline: x -> x, or (x, position_ids) -> (x, position_ids)."""
+
+    def forward(self, inputs):  # type: ignore[override]
+        if isinstance(inputs, tuple):
+            x, position_ids = inputs
+            return super().forward(x, position_ids), position_ids
+        return super().forward(inputs)
+
+
+class PipeFinalNorm(FinalNorm):
+    """The final norm in the pipeline; drops the document layout (the head needs none)."""
+
+    def forward(self, inputs):  # type: ignore[override]
+        return super().forward(inputs[0] if isinstance(inputs, tuple) else inputs)
+
+
 def layer_parts(cfg: ModelConfig) -> list[Part]:
-    """The model as a flat list, in order: what PipelineModule partitions into stages."""
-    parts = [Part("embed", Embedding, tie="embed" if cfg.tie_embeddings else None)]
-    parts += [Part(f"block{i}", Block, (i,)) for i in range(cfg.num_layers)]
-    parts.append(Part("norm", FinalNorm))
-    parts.append(Part("head", Embedding if cfg.tie_embeddings else Head, tie="embed" if cfg.tie_embeddings else None))
+    """The model as a flat list, in order: what PipelineModule partitions into stages. The pipeline
+    variants of the classes take and pass on the (hidden, position_ids) tuple; parameters and names
+    are those of the plain classes."""
+    parts = [Part("embed", PipeEmbedding, tie="embed" if cfg.tie_embeddings else None)]
+    parts += [Part(f"block{i}", PipeBlock, (i,)) for i in range(cfg.num_layers)]
+    parts.append(Part("norm", PipeFinalNorm))
+    parts.append(Part("head", PipeEmbedding if cfg.tie_embeddings else Head,
+                      tie="embed" if cfg.tie_embeddings else None))
     return parts
 
 
@@ -285,27 +328,36 @@ class LlamaModel(nn.Module):
         for key, part in self.init_parts():
             part.reset_parameters(seed, key)
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C), after the final norm
+    def hidden(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # (B, T) -> (B, T, C), after the final norm; position_ids (B, T): document-aware attention
         x = self.embed(tokens)
-        for blk in self.blocks:
-            x = blk(x)
+        if position_ids is None:  # the plain causal path, exactly as without documents
+            for blk in self.blocks:
+                x = blk(x)
+        else:
+            for blk in self.blocks:
+                x = blk(x, position_ids)
         return self.norm(x)
 
-    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Mean loss over non-ignored labels when ``labels`` is given; otherwise full logits (B, T, V)."""
-        h = self.hidden(tokens)
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean loss over non-ignored labels when ``labels`` is given; otherwise full logits (B, T, V).
+        ``position_ids`` (B, T), from the loader under ``data.document_mask``, keeps attention and RoPE
+        within each document of a packed sample."""
+        h = self.hidden(tokens, position_ids)
         if labels is not None:
             return head_loss(self.head_weight, h, labels, self.ctx)
         return gather_from_tp(head_logits(self.head_weight, h, self.ctx.tp_group), self.ctx.tp_group)
 
 
 def build_model(cfg: ModelConfig, *, tp_group: Any = None, device: Any = None, seed: Optional[int] = None,
-                loss_chunk_tokens: int = 0) -> LlamaModel:
+                loss_chunk_tokens: int = 0, document_positions: bool = True) -> LlamaModel:
     """Build (and, given a seed, initialise) the TP-sharded model on ``device``."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     tp_rank, _ = tp_info(tp_group)
     rng = RNGTracker(device)
-    ctx = Ctx(tp_group=tp_group, rng=rng, device=device, loss_chunk_tokens=loss_chunk_tokens)
+    ctx = Ctx(tp_group=tp_group, rng=rng, device=device, loss_chunk_tokens=loss_chunk_tokens,
+              document_positions=document_positions)
     model = LlamaModel(cfg, ctx)
     if seed is not None:
         model.init_weights(seed)

@@ -213,3 +213,27 @@ def test_dispatch_falls_back_to_sdpa_on_cpu(caplog):
         documents._backend = saved
     assert (got - _per_document(q, k, v)).abs().max().item() <= TOL
     assert "using sdpa" in caplog.text
+
+
+def test_config_keys_are_checked():
+    from megatrain.config import ConfigError
+
+    cfg = load_config(None, ["data.document_mask=true", "data.eod_mask_loss=true"])
+    assert cfg.data.document_mask and cfg.data.document_positions and cfg.train.document_attention == "auto"
+    with pytest.raises(ConfigError, match="train.document_attention"):
+        load_config(None, ["train.document_attention=dense"])
+    with pytest.raises(ConfigError, match="no attention dropout"):
+        load_config(None, ["data.document_mask=true", "train.document_attention=flex", "model.dropout=0.1"])
+    load_config(None, ["data.document_mask=true", "model.dropout=0.1"])  # auto: sdpa carries dropout
+
+
+def test_compiled_blocks_take_the_layout():
+    from megatrain.parallelize import apply_compile
+
+    cfg = _model_cfg()
+    plain, compiled = build_model(cfg, seed=4), build_model(cfg, seed=4)
+    apply_compile(compiled, seq_len=SEQ, backend="eager")  # dynamo's tracing (the GPU adds Inductor)
+    tokens, pos, _ = _packed(cfg.vocab_size)
+    for _ in range(2):  # a new layout per micro-batch
+        p = pos.clone()
+        assert (compiled(tokens, position_ids=p) - plain(tokens, position_ids=p)).abs().max().item() <= TOL

@@ -78,6 +78,7 @@ class DocumentLayout:
         """(B, T) int32: index of each token's document within its sample (0, 1, ...)."""
         def build() -> torch.Tensor:
             starts = (self.position_ids == 0).to(torch.int32)
+            starts[:, 0] = 1  # a sample always begins a document, whatever its first position says
             return torch.cumsum(starts, dim=1, dtype=torch.int32) - 1
         return self._once("doc", build)
 
@@ -105,11 +106,12 @@ class DocumentLayout:
         return self._once("block", build)
 
     def cu_seqlens(self) -> tuple[torch.Tensor, int]:
-        """(cu (N+1,) int32, longest document) over the batch flattened to one sequence of B T tokens.
-        Every sample starts a document, so no document spans two samples."""
+        """(cu (N+1,) int32, longest document) over the batch flattened to one sequence of B T tokens."""
         def build() -> tuple[torch.Tensor, int]:
-            flat = self.position_ids.reshape(-1)
-            starts = torch.nonzero(flat == 0).reshape(-1).to(torch.int32)  # host sync: the count is data
+            begins = self.position_ids == 0
+            begins[:, 0] = True  # every sample begins a document: none spans two samples
+            flat = begins.reshape(-1)
+            starts = torch.nonzero(flat).reshape(-1).to(torch.int32)  # host sync: the count is data
             end = torch.full((1,), flat.numel(), dtype=torch.int32, device=flat.device)
             cu = torch.cat([starts, end])
             return cu, int((cu[1:] - cu[:-1]).max().item())

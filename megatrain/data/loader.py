@@ -212,18 +212,26 @@ def document_positions(starts: np.ndarray, seq_len: int) -> np.ndarray:
 
 
 def _collate_documents(samples: list, positions: bool, mask_loss: bool) -> tuple:
-    """(tokens, labels[, position_ids]) from (tokens, document starts) pairs; position_ids (mb, seq_len)."""
+    """(tokens, labels[, position_ids]) from (tokens, document starts) pairs; position_ids (mb, seq_len).
+    Numpy throughout, one slice assignment per document start (a few per sample)."""
     import torch
 
-    tokens, labels = _collate([s for s, _ in samples])
+    batch = np.stack([s for s, _ in samples])  # (mb, seq_len + 1) int64
+    seq_len = batch.shape[1] - 1
+    labels = batch[:, 1:].copy()
     if mask_loss:
         for row, (_, starts) in enumerate(samples):
             # label t is token t + 1: a document's first token, predicted from the previous document
-            labels[row, torch.from_numpy(starts - 1)] = IGNORE_INDEX
+            labels[row, starts - 1] = IGNORE_INDEX
+    out = (torch.from_numpy(np.ascontiguousarray(batch[:, :-1])), torch.from_numpy(labels))
     if not positions:
-        return tokens, labels
-    seq_len = tokens.shape[1]
-    return tokens, labels, torch.from_numpy(np.stack([document_positions(st, seq_len) for _, st in samples]))
+        return out
+    ramp = np.arange(seq_len, dtype=np.int64)
+    pos = np.tile(ramp, (len(samples), 1))
+    for row, (_, starts) in enumerate(samples):
+        for s in starts[starts < seq_len].tolist():
+            pos[row, s:] = ramp[:seq_len - s]
+    return (*out, torch.from_numpy(pos))
 
 
 def document_options(data_cfg) -> dict:

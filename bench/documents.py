@@ -8,8 +8,10 @@ engine forward with labels, backward, step); tokens are random and every sample 
 - ``flex`` / ``varlen`` / ``sdpa``: the mask on, with that train.document_attention kernel.
 
 ``--attention-only`` also times one layer's attention forward + backward at the model's head
-shape (the issue's probe): causal SDPA against each document kernel. Prints a ``RESULT {json}`` line
-per measurement and a table. The goal on a GPU: the masked step no slower than the plain one.
+shape (the issue's probe): causal SDPA against each document kernel. ``--loader`` times the loader
+alone (micro-batch assembly from a synthetic dataset, with and without the layout; no model, CPU).
+Prints a ``RESULT {json}`` line per measurement and a table. The goal on a GPU: the masked step no
+slower than the plain one.
 
     # GPU, Llama-3.2-1B shape at seq 8192, 8 documents per sample
     python bench/documents.py --preset llama3.2-1b --seq 8192 --mb 1 --docs 8 --attention-only
@@ -49,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", type=int, default=0, help="torch.compile every block")
     p.add_argument("--ckpt", default="none", help="train.activation_checkpointing")
     p.add_argument("--attention-only", action="store_true", help="also time one layer's attention fwd+bwd")
+    p.add_argument("--loader", action="store_true", help="time only the loader's micro-batches (mean document "
+                                                         "length seq/docs), with and without the layout")
     return p.parse_args(argv)
 
 
@@ -143,6 +147,41 @@ def attention_times(a: argparse.Namespace, cfg, device: torch.device, variant: s
     return timed(run, a.steps, a.warmup, device)
 
 
+def loader_times(a: argparse.Namespace, n_batches: int = 500) -> dict[str, float]:
+    """Seconds per sample of micro-batch assembly: plain (tokens, labels) against (tokens, labels,
+    position_ids) with the eod loss mask, from a synthetic dataset of documents ~seq/docs long."""
+    import functools
+    import tempfile
+
+    import numpy as np
+
+    from megatrain.data import loader as L
+    from megatrain.data.gpt_dataset import GPTDataset
+    from megatrain.data.indexed import IndexedDataset, IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        with IndexedDatasetBuilder(f"{tmp}/docs", 32000) as b:
+            for n in rng.geometric(a.docs / a.seq, size=(n_batches * a.mb * a.seq) // max(1, a.seq // a.docs) + 10):
+                b.add_sequence(rng.integers(0, 32000, int(n)))
+                b.end_document()
+            b.finalize()
+        ds = GPTDataset(IndexedDataset(f"{tmp}/docs"), (0, IndexedDataset(f"{tmp}/docs").num_documents),
+                        seq_len=a.seq, num_samples=None, seed=0, cache_dir=tmp)
+        wrapped = L._Wrapped(ds)
+        laid = L._WithStarts(wrapped)
+        coll = functools.partial(L._collate_documents, positions=True, mask_loss=True)
+        ids = rng.integers(0, len(ds), n_batches * a.mb)
+        best: dict[str, float] = {}
+        variants = [("plain", wrapped.__getitem__, L._collate), ("documents", laid.__getitem__, coll)]
+        for name, get, collate in variants * 3:
+            t0 = time.perf_counter()
+            for k in range(0, ids.size, a.mb):
+                collate([get(int(i)) for i in ids[k:k + a.mb]])
+            best[name] = min(best.get(name, float("inf")), (time.perf_counter() - t0) / ids.size)
+    return best
+
+
 def available_variants(device: torch.device) -> list[str]:
     from megatrain.model import documents
 
@@ -165,6 +204,13 @@ def record(kind: str, variant: str, a: argparse.Namespace, times: list[float], b
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = parse_args(argv)
+    if a.loader:
+        best = loader_times(a)
+        for name, sec in best.items():
+            emit({"bench": "documents", "kind": "loader", "variant": name, "seq": a.seq, "mb": a.mb, "docs": a.docs,
+                  "us_per_sample": round(1e6 * sec, 1), "samples_per_s": round(1 / sec)})
+        log.info("loader: %s", ", ".join(f"{k} {1e6 * v:.1f} us/sample" for k, v in best.items()))
+        return
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     variants = a.variants.split(",") if a.variants else available_variants(device)
     cfg, built = build(a, device)

@@ -306,6 +306,8 @@ class GPTDataset:
         d0, o0, d1, _ = self.sample_index[i:i + 2].ravel().tolist()
         if d0 == d1:
             return _NO_STARTS
+        if d1 == d0 + 1:  # the common case at realistic lengths: one boundary, scalar reads only
+            return np.array([int(self._seq_lengths[int(self.document_index[d0])]) - o0], dtype=np.int64)
         # document d0 + j (j >= 1) starts after the rest of d0 and all of d0+1 .. d0+j-1
         return np.cumsum(self._seq_lengths[self.document_index[d0:d1]], dtype=np.int64) - o0
 

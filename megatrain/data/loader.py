@@ -213,7 +213,7 @@ def document_positions(starts: np.ndarray, seq_len: int) -> np.ndarray:
 
 def _collate_documents(samples: list, positions: bool, mask_loss: bool) -> tuple:
     """(tokens, labels[, position_ids]) from (tokens, document starts) pairs; position_ids (mb, seq_len).
-    Numpy throughout, one slice assignment per document start (a few per sample)."""
+    Numpy throughout, vectorized over the micro-batch."""
     import torch
 
     batch = np.stack([s for s, _ in samples])  # (mb, seq_len + 1) int64
@@ -226,12 +226,12 @@ def _collate_documents(samples: list, positions: bool, mask_loss: bool) -> tuple
     out = (torch.from_numpy(np.ascontiguousarray(batch[:, :-1])), torch.from_numpy(labels))
     if not positions:
         return out
-    ramp = np.arange(seq_len, dtype=np.int64)
-    pos = np.tile(ramp, (len(samples), 1))
-    for row, (_, starts) in enumerate(samples):
-        for s in starts[starts < seq_len].tolist():
-            pos[row, s:] = ramp[:seq_len - s]
-    return (*out, torch.from_numpy(pos))
+    # every document's start in the flattened (mb * seq_len) batch, each row's start included, in order
+    mb = len(samples)
+    begins = np.concatenate([row * seq_len + np.concatenate([[0], st[st < seq_len]])
+                             for row, (_, st) in enumerate(samples)] + [[mb * seq_len]]).astype(np.int64)
+    pos = np.arange(mb * seq_len, dtype=np.int64) - np.repeat(begins[:-1], np.diff(begins))
+    return (*out, torch.from_numpy(pos.reshape(mb, seq_len)))
 
 
 def document_options(data_cfg) -> dict:

@@ -206,7 +206,8 @@ def _collate(samples: list) -> tuple:
 def document_positions(starts: np.ndarray, seq_len: int) -> np.ndarray:
     """int64[seq_len]: each input token's position in its document, from the offsets where documents
     begin (:meth:`GPTDataset.document_starts`). The sample's first token is position 0 even mid-document:
-    the sample cannot see what came before it, and positions stay below seq_len (the RoPE tables)."""
+    the sample cannot see what came before it, and positions stay below seq_len (the RoPE tables).
+    One sample at a time: the definition the loader's vectorized collate is tested against."""
     bounds = np.concatenate([[0], starts[starts < seq_len], [seq_len]]).astype(np.int64)
     return np.arange(seq_len, dtype=np.int64) - np.repeat(bounds[:-1], np.diff(bounds))
 
@@ -245,20 +246,22 @@ class _Wrapped:
     def __init__(self, dataset):
         self.dataset, self.n, self.warned = dataset, len(dataset), False
 
-    def _index(self, i: int) -> int:
-        if i >= self.n:
-            if not self.warned:
-                logger.warning("sample %d is past the %d samples built for this split; starting over "
-                               "(ask build_datasets for more samples)", i, self.n)
-                self.warned = True
-            i %= self.n
-        return i
+    def _wrap(self, i: int) -> int:
+        if not self.warned:
+            logger.warning("sample %d is past the %d samples built for this split; starting over "
+                           "(ask build_datasets for more samples)", i, self.n)
+            self.warned = True
+        return i % self.n
 
     def __getitem__(self, i: int):
-        return self.dataset[self._index(i)]
+        if i >= self.n:
+            i = self._wrap(i)
+        return self.dataset[i]
 
     def document_starts(self, i: int) -> np.ndarray:
-        return self.dataset.document_starts(self._index(i))
+        if i >= self.n:
+            i = self._wrap(i)
+        return self.dataset.document_starts(i)
 
     def __len__(self) -> int:
         return self.n

@@ -144,6 +144,12 @@ class DataConfig:
     cache_dir: Optional[str] = _f(None, "where sample indices are cached (.npy); default: next to the dataset")
     num_workers: int = _f(0, "background processes that assemble batches (0 = in the training process, with a prefetch thread)", NON_NEGATIVE)
     verify: str = _f("sizes", "dataset check at start: sizes (index vs file sizes) | full (every token < vocab)")
+    document_mask: bool = _f(False, "packed samples respect documents: a token attends only to earlier tokens of its "
+                                    "own document (boundaries from the sample index; docs/data.md)")
+    document_positions: bool = _f(True, "with document_mask: RoPE positions restart at 0 at each document (false: "
+                                        "positions run 0..seq_len-1 across the sample)")
+    eod_mask_loss: bool = _f(False, "no loss on each document's first token in a sample (it would be predicted from "
+                                    "the previous document); Megatron's --eod-mask-loss, from the sample index")
 
 
 @dataclass
@@ -199,6 +205,9 @@ class TrainConfig:
                                  "of 16)")
     fp8_exclude: list = _f([], "regexes of block linear names kept in bf16 (names like blocks.0.attn.qkv, "
                                "blocks.3.mlp.down; re.search)")
+    document_attention: str = _f("auto", "attention kernel under data.document_mask: auto (flex on GPU, sdpa on CPU) | "
+                                         "flex (flex_attention, document block mask) | varlen (flash varlen_attn) | "
+                                         "sdpa (explicit boolean mask; the reference)")
     loss_chunk_tokens: int = _f(0, "tokens per chunk of the fused head + cross-entropy; 0 sizes chunks to ~256 MiB "
                                    "of fp32 logits", NON_NEGATIVE)
 
@@ -553,6 +562,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
     _choice("train.fused_kernels", t.fused_kernels, ("auto", "triton", "torch"))
     _check_fp8(t)
+    _choice("train.document_attention", t.document_attention, ("auto", "flex", "varlen", "sdpa"))
     _choice("schedule.decay", cfg.schedule.decay, ("cosine", "linear", "constant", "wsd"))
     _choice("deepspeed.offload", cfg.deepspeed.offload, ("none", "optimizer", "all"))
     _choice("checkpoint.verify", cfg.checkpoint.verify, ("off", "sizes", "full"))
@@ -575,6 +585,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if bad:
         raise ConfigError(f"train.resume_allow_changes: unknown item(s) {bad!r}; "
                           f"allowed: data, tokenizer, model, schedule, topology")
+    if cfg.data.document_mask and m.dropout > 0 and t.document_attention in ("flex", "varlen"):
+        raise ConfigError(f"train.document_attention={t.document_attention} has no attention dropout, but "
+                          f"model.dropout={m.dropout}; use train.document_attention=sdpa (or auto) or model.dropout=0")
     if world_size is not None:
         validate_world(cfg, world_size)
 

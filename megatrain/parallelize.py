@@ -21,6 +21,7 @@ config asks for; each step is usable on its own (tests, benchmarks).
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 from typing import Any, Callable, Optional
 
@@ -94,7 +95,18 @@ def _saved_ops() -> frozenset:
     names = ("mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_efficient_attention",
              "_flash_attention_forward", "_efficient_attention_forward")
-    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+    ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    # the document-mask kernels (megatrain.model.documents): flex's higher-order op supports selective
+    # checkpointing's dispatch modes; varlen is a custom op, registered when its module is imported
+    try:
+        importlib.import_module("torch.nn.attention.varlen")
+        ops.add(torch.ops.torch_attn._varlen_attn.default)
+    except (ImportError, AttributeError):
+        pass
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)
+    if flex is not None:
+        ops.add(flex)
+    return frozenset(ops)
 
 
 def _policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:

@@ -30,7 +30,8 @@ def build_ctx(cfg: Config, st: ParallelState, device: torch.device) -> Ctx:
     rng = RNGTracker(device)
     rng.seed(cfg.train.seed, st.tp_rank)
     return Ctx(tp_group=st.tp_group, rng=rng, device=device, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
-               sequence_parallel=cfg.parallel.sequence_parallel, cp_group=st.cp_group if st.cp_size > 1 else None)
+               sequence_parallel=cfg.parallel.sequence_parallel, cp_group=st.cp_group if st.cp_size > 1 else None,
+               document_positions=cfg.data.document_positions)
 
 
 def _tied_head_forward(module: nn.Module, h: torch.Tensor, tp_group: Any, sequence_parallel: bool) -> torch.Tensor:
@@ -85,6 +86,13 @@ def build_partitioned_model(cfg: Config, st: ParallelState, ctx: Ctx, ds_config:
     return module
 
 
+def pipeline_batches(batches):
+    """The loader's micro-batches in DeepSpeed's pipeline form (inputs, labels); with a document layout
+    the inputs are (tokens, position_ids), which the first stage passes on with the hidden states."""
+    for batch in batches:
+        yield batch if len(batch) == 2 else ((batch[0], batch[2]), batch[1])
+
+
 @dataclass
 class Built:
     engine: Any
@@ -104,7 +112,8 @@ def build_engine(cfg: Config, st: ParallelState, device: torch.device, plan: Bat
 
     from megatrain.model import kernels
 
-    mode = kernels.configure_kernels(cfg.train.fused_kernels)  # before any module exists
+    mode = kernels.configure_kernels(cfg.train.fused_kernels,  # before any module exists
+                                     document_attention=cfg.train.document_attention if cfg.data.document_mask else None)
     internals.check_version()
     # Wrap the existing process group as DeepSpeed's comm backend; PipelineModule needs it already.
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)

@@ -14,10 +14,15 @@ with context parallelism every T below is this context rank's slice (T/cp of the
 sample; RoPE uses the global positions, attention goes through
 ``parallel.context``); with sequence parallelism the residual stream between
 the TP layers holds T/tp of those tokens, the TP layers gathering and scattering.
+
+Packed documents (``data.document_mask``): ``position_ids`` (B, T), each token's position in its
+document, goes with the tokens and through every block; attention is then block-causal and RoPE
+uses those positions (:mod:`megatrain.model.documents`). Without it every path is the plain causal one.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 
 from megatrain.config import ModelConfig
 from megatrain.model import kernels
+from megatrain.model.documents import layout_for
 from megatrain.parallel.context import context_attention, context_mean, context_rank_size, gather_context
 from megatrain.parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
 from megatrain.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
@@ -113,6 +119,7 @@ class Ctx:
     loss_chunk_tokens: int = 0
     sequence_parallel: bool = False
     cp_group: Any = None
+    document_positions: bool = True  # with position_ids: RoPE restarts per document (else 0..T-1)
 
     @property
     def sp_group(self) -> Any:
@@ -130,6 +137,7 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.rng = ctx.rng
         self.cp_group = ctx.cp_group
+        self.document_positions = ctx.document_positions
         self.rotary = Rotary(cfg)
         # One GEMM for Q, K and V, grouped by KV head so that a TP split takes whole groups:
         # canonical weight (kv_heads, q_per_kv + 2, D, C) = per group [q_0 .. q_{r-1}, k, v].
@@ -139,23 +147,30 @@ class Attention(nn.Module):
         self.o = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp_group=ctx.tp_group,
                                    device=ctx.device, sequence_parallel=ctx.sequence_parallel)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # (B, H|K, T, D)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Any = None) -> torch.Tensor:
+        # (B, H|K, T, D) each; with ``docs`` (a DocumentLayout of the whole sequence) block-causal
         p = self.dropout if self.training else 0.0
         if p > 0 and self.rng is not None:
             with self.rng.fork():  # heads are split over TP ranks: each rank drops its own pattern
-                return kernels.attention(q, k, v, p)
-        return kernels.attention(q, k, v, p)
+                return kernels.attention(q, k, v, p, docs)
+        return kernels.attention(q, k, v, p, docs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T or T/tp with SP, C)
+    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x (B, T or T/tp with SP, C); position_ids (B, T cp): every token's position in its document,
+        # for the whole sequence on every context rank
         qkv = self.qkv(x)  # (B, T, K (r+2) D): gathered over TP under sequence parallelism
         b, t = qkv.shape[:2]
         qkv = qkv.view(b, t, self.kv_local, self.q_per_kv + 2, self.head_dim)  # (B, T, K, r+2, D)
         cp_rank, cp = context_rank_size(self.cp_group)
-        cos, sin = self.rotary.tables(t * cp, x.device)  # (T cp, D): the whole sequence's positions
-        cos, sin = cos[cp_rank * t:(cp_rank + 1) * t], sin[cp_rank * t:(cp_rank + 1) * t]  # this slice's
+        docs = None if position_ids is None else layout_for(position_ids)  # built once per micro-batch
+        if docs is not None and self.document_positions:
+            cos, sin = docs.rope_tables(self.rotary, cp_rank * t, t)  # (B, T, D): restarting per document
+        else:
+            cos, sin = self.rotary.tables(t * cp, x.device)  # (T cp, D): the whole sequence's positions
+            cos, sin = cos[cp_rank * t:(cp_rank + 1) * t], sin[cp_rank * t:(cp_rank + 1) * t]  # this slice's
         # q (B, T, H, D) with head h using KV h // r; k, v (B, T, K, D); q and k rotated
         q, k, v = kernels.split_qkv_rope(qkv, cos, sin)
-        y = context_attention(q, k, v, self.cp_group, self._attend)  # (B, T, H, D)
+        y = context_attention(q, k, v, self.cp_group, functools.partial(self._attend, docs=docs))  # (B, T, H, D)
         return self.o(y.reshape(b, t, -1))  # (B, T, H*D) -> (B, T, C) (T/tp with SP)
 
 
@@ -189,9 +204,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.device, ctx.sp_group)
         self.mlp = MLP(cfg, ctx)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # (B, T, C) -> (B, T, C); position_ids (B, T) makes attention document-aware.
         # Recomputation and compile wrap this from outside (megatrain.parallelize).
-        a = F.dropout(self.attn(self.attn_norm(x)), self.dropout, self.training)
+        a = F.dropout(self.attn(self.attn_norm(x), position_ids), self.dropout, self.training)
         x, h = kernels.add_rms_norm(x, a, self.mlp_norm.scale(), self.mlp_norm.eps)  # x + a, and its norm
         return x + F.dropout(self.mlp(h), self.dropout, self.training)
 
@@ -285,12 +301,43 @@ class Part:
     tie: Optional[str] = None
 
 
+class PipeEmbedding(Embedding):
+    """The embedding as a pipeline stage's first layer: tokens -> x, or (tokens, position_ids) ->
+    (x, position_ids), so the document layout travels between stages with the hidden states."""
+
+    def forward(self, inputs):  # type: ignore[override]
+        if isinstance(inputs, tuple):
+            tokens, position_ids = inputs
+            return super().forward(tokens), position_ids
+        return super().forward(inputs)
+
+
+class PipeBlock(Block):
+    """A block in the pipeline: x -> x, or (x, position_ids) -> (x, position_ids)."""
+
+    def forward(self, inputs):  # type: ignore[override]
+        if isinstance(inputs, tuple):
+            x, position_ids = inputs
+            return super().forward(x, position_ids), position_ids
+        return super().forward(inputs)
+
+
+class PipeFinalNorm(FinalNorm):
+    """The final norm in the pipeline; drops the document layout (the head needs none)."""
+
+    def forward(self, inputs):  # type: ignore[override]
+        return super().forward(inputs[0] if isinstance(inputs, tuple) else inputs)
+
+
 def layer_parts(cfg: ModelConfig) -> list[Part]:
-    """The model as a flat list, in order: what PipelineModule partitions into stages."""
-    parts = [Part("embed", Embedding, tie="embed" if cfg.tie_embeddings else None)]
-    parts += [Part(f"block{i}", Block, (i,)) for i in range(cfg.num_layers)]
-    parts.append(Part("norm", FinalNorm))
-    parts.append(Part("head", Embedding if cfg.tie_embeddings else Head, tie="embed" if cfg.tie_embeddings else None))
+    """The model as a flat list, in order: what PipelineModule partitions into stages. The pipeline
+    variants of the classes take and pass on the (hidden, position_ids) tuple; parameters and names
+    are those of the plain classes."""
+    parts = [Part("embed", PipeEmbedding, tie="embed" if cfg.tie_embeddings else None)]
+    parts += [Part(f"block{i}", PipeBlock, (i,)) for i in range(cfg.num_layers)]
+    parts.append(Part("norm", PipeFinalNorm))
+    parts.append(Part("head", PipeEmbedding if cfg.tie_embeddings else Head,
+                      tie="embed" if cfg.tie_embeddings else None))
     return parts
 
 
@@ -323,16 +370,24 @@ class LlamaModel(nn.Module):
         for key, part in self.init_parts():
             part.reset_parameters(seed, key)
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C), after the final norm
+    def hidden(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # (B, T) -> (B, T, C), after the final norm; position_ids (B, T): document-aware attention
         x = self.embed(tokens)
-        for blk in self.blocks:
-            x = blk(x)
+        if position_ids is None:  # the plain causal path, exactly as without documents
+            for blk in self.blocks:
+                x = blk(x)
+        else:
+            for blk in self.blocks:
+                x = blk(x, position_ids)
         return self.norm(x)
 
-    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean loss over non-ignored labels when ``labels`` is given; otherwise full logits (B, T, V)
-        (with context parallelism: ``tokens`` is this rank's slice and the logits cover the whole sequence)."""
-        h = self.hidden(tokens)
+        (with context parallelism: ``tokens`` is this rank's slice and the logits cover the whole sequence).
+        ``position_ids`` (B, T), from the loader under ``data.document_mask``, keeps attention and RoPE
+        within each document of a packed sample (the whole sequence's, on every context rank)."""
+        h = self.hidden(tokens, position_ids)
         if labels is not None:
             return head_loss(self.head_weight, h, labels, self.ctx)
         c = self.ctx
@@ -341,7 +396,8 @@ class LlamaModel(nn.Module):
 
 
 def build_model(cfg: ModelConfig, *, tp_group: Any = None, device: Any = None, seed: Optional[int] = None,
-                loss_chunk_tokens: int = 0, sequence_parallel: bool = False, cp_group: Any = None) -> LlamaModel:
+                loss_chunk_tokens: int = 0, sequence_parallel: bool = False, cp_group: Any = None,
+                document_positions: bool = True) -> LlamaModel:
     """Build (and, given a seed, initialise) the TP-sharded model on ``device``."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     tp_rank, tp_size = tp_info(tp_group)
@@ -351,7 +407,7 @@ def build_model(cfg: ModelConfig, *, tp_group: Any = None, device: Any = None, s
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor >= 2")
     rng = RNGTracker(device)
     ctx = Ctx(tp_group=tp_group, rng=rng, device=device, loss_chunk_tokens=loss_chunk_tokens,
-              sequence_parallel=sequence_parallel, cp_group=cp_group)
+              sequence_parallel=sequence_parallel, cp_group=cp_group, document_positions=document_positions)
     model = LlamaModel(cfg, ctx)
     if seed is not None:
         model.init_weights(seed)

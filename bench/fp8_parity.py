@@ -48,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mb", type=int, default=8)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--fp8_filter", default="all")
+    p.add_argument("--ref-compile", action="store_true", help="compile the bf16 reference too (FP8 on a GPU compiles)")
     p.add_argument("--toy", action="store_true", help="debug model, seq 64, micro-batch 2 (CPU check)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--work", default="/tmp/fp8_parity", help="run directories (checkpoints off)")
@@ -63,7 +64,7 @@ def overrides(a: argparse.Namespace, name: str, fp8: str) -> list[str]:
         f"train.micro_batch_size={mb}", "train.precision=bf16", "train.resume=never", f"train.fp8={fp8}",
         f"train.fp8_filter={a.fp8_filter}", "logging.interval=1", "eval.steps=0", "eval.sample_tokens=0",
         "checkpoint.save_at_end=false", f"optimizer.lr={a.lr}", f"optimizer.min_lr={a.lr / 10}",
-        f"schedule.warmup_steps={max(1, a.steps // 20)}"]
+        f"schedule.warmup_steps={max(1, a.steps // 20)}"] + (["train.compile=true"] if a.ref_compile else [])
 
 
 def train_curve(a: argparse.Namespace, name: str, fp8: str) -> tuple[dict[int, float], float]:

@@ -540,35 +540,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if bad:
         raise ConfigError(f"eval.prompts: every prompt must be a string, got {bad!r}; quote them in YAML")
     _check_partition(p.pipeline_partition)
-    if m.num_heads % p.tensor:
-        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}")
-    if m.kv_heads % p.tensor:
-        raise ConfigError(f"model.num_kv_heads={m.kv_heads} is not divisible by parallel.tensor={p.tensor}; "
-                          f"use a tensor-parallel size that divides it")
-    if m.ffn_size % p.tensor:
-        raise ConfigError(f"model FFN width {m.ffn_size} is not divisible by parallel.tensor={p.tensor}")
-    if m.vocab_size % p.tensor:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tensor={p.tensor}; "
-                          f"pad the vocabulary to a multiple of it")
-    if m.num_layers % p.pipeline:
-        raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}")
+    _check_divisibility(m, p)
     validate_sequence_split(cfg)
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise "
                           f"model.max_seq_len (with model.rope_scaling for a long context), or use a long-context "
                           f"preset such as llama3.1-8b")
-    _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
-    _choice("train.nonfinite", t.nonfinite, ("skip", "abort"))
-    _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
-    _choice("train.fused_kernels", t.fused_kernels, ("auto", "triton", "torch"))
-    _check_fp8(t)
-    _choice("train.document_attention", t.document_attention, ("auto", "flex", "varlen", "sdpa"))
-    _choice("schedule.decay", cfg.schedule.decay, ("cosine", "linear", "constant", "wsd"))
-    _choice("deepspeed.offload", cfg.deepspeed.offload, ("none", "optimizer", "all"))
-    _choice("checkpoint.verify", cfg.checkpoint.verify, ("off", "sizes", "full"))
-    _choice("data.verify", cfg.data.verify, ("sizes", "full"))
-    _choice("distributed.backend", cfg.distributed.backend, ("auto", "nccl", "gloo"))
-    _choice("logging.level", str(cfg.logging.level).upper(), ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+    _check_choices(cfg)
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: must be 0, 1, 2 or 3")
     if p.pipeline > 1 and cfg.deepspeed.zero_stage > 1:
@@ -590,6 +568,39 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           f"model.dropout={m.dropout}; use train.document_attention=sdpa (or auto) or model.dropout=0")
     if world_size is not None:
         validate_world(cfg, world_size)
+
+
+def _check_choices(cfg: Config) -> None:
+    """Every field that takes one of a few words."""
+    t = cfg.train
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
+    _choice("train.nonfinite", t.nonfinite, ("skip", "abort"))
+    _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
+    _choice("train.fused_kernels", t.fused_kernels, ("auto", "triton", "torch"))
+    _check_fp8(t)
+    _choice("train.document_attention", t.document_attention, ("auto", "flex", "varlen", "sdpa"))
+    _choice("schedule.decay", cfg.schedule.decay, ("cosine", "linear", "constant", "wsd"))
+    _choice("deepspeed.offload", cfg.deepspeed.offload, ("none", "optimizer", "all"))
+    _choice("checkpoint.verify", cfg.checkpoint.verify, ("off", "sizes", "full"))
+    _choice("data.verify", cfg.data.verify, ("sizes", "full"))
+    _choice("distributed.backend", cfg.distributed.backend, ("auto", "nccl", "gloo"))
+    _choice("logging.level", str(cfg.logging.level).upper(), ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+
+
+def _check_divisibility(m: ModelConfig, p: ParallelConfig) -> None:
+    """Every split the TP and PP sizes make must come out whole."""
+    if m.num_heads % p.tensor:
+        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}")
+    if m.kv_heads % p.tensor:
+        raise ConfigError(f"model.num_kv_heads={m.kv_heads} is not divisible by parallel.tensor={p.tensor}; "
+                          f"use a tensor-parallel size that divides it")
+    if m.ffn_size % p.tensor:
+        raise ConfigError(f"model FFN width {m.ffn_size} is not divisible by parallel.tensor={p.tensor}")
+    if m.vocab_size % p.tensor:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tensor={p.tensor}; "
+                          f"pad the vocabulary to a multiple of it")
+    if m.num_layers % p.pipeline:
+        raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}")
 
 
 def validate_model(m: ModelConfig) -> None:

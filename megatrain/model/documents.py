@@ -172,9 +172,17 @@ def attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Do
 
 
 def _varlen_kernel(q, k, v, cu, max_len, gqa):  # (N, H, D) each
+    import inspect
+
     from torch.nn.attention.varlen import varlen_attn
 
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0), enable_gqa=gqa)
+    if gqa and "enable_gqa" not in inspect.signature(varlen_attn).parameters:
+        # torch before 2.13 has no grouped-query varlen: give every query head its KV head (N, H, D)
+        r = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0))
+    kw = {"enable_gqa": gqa} if gqa else {}
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0), **kw)
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout,

@@ -69,6 +69,14 @@ def resolve_config(args: argparse.Namespace):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from megatrain.launch.exit_status import record
+
+    code = _main(argv)
+    record(code)  # a launcher that replaces exit codes (torchrun) cannot hide 75 from its wrapper
+    return code
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
     from megatrain.telemetry.logs import setup_logging
 
     args = parse_args(argv)

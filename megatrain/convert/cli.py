@@ -127,6 +127,8 @@ def check_output(out: Path, overwrite: bool, source: Optional[Path] = None) -> N
     replace anything unless --overwrite, and even then anything megatrain-convert did not write itself."""
     if source is not None:
         why = outputs.conflict(out, [source], inside_dirs=False)
+        if why is None and outputs.is_inside(out, source) and out.is_dir() and any(out.glob(f"step_*/{layout.META}")):
+            why = f"contains the checkpoints of the input {source}"  # e.g. RUN_DIR -> RUN_DIR/checkpoints
         if why is not None:
             raise ConversionError(f"{out}: the output {why}; choose an output path outside the input")
     ckpt = outputs.enclosing_checkpoint(out.absolute().parent, (layout.META, layout.MANIFEST, layout.COMPLETE))

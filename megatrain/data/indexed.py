@@ -601,7 +601,10 @@ def merge_datasets(prefixes: list[str], output_prefix: str, tool: Optional[str] 
                      error=DataFormatError, fix="choose another --output-prefix")
     check_replaceable(normalize_prefix(output_prefix))
     first = IndexedDataset(prefixes[0])
-    side = first.sidecar or {}
+    # The vocabulary (and eod id) of the first input that records one, so that the order of the inputs does
+    # not decide whether a sidecar-less shard can be merged with labelled ones.
+    side = next((sc for sc in map(read_sidecar, map(normalize_prefix, prefixes)) if sc and sc.get("vocab_size")),
+                first.sidecar or {})
     vocab = side.get("vocab_size") or (UINT16_VOCAB_LIMIT - 1 if first.dtype == np.uint16
                                         else int(np.iinfo(first.dtype).max) + 1)
     dtype = first.dtype

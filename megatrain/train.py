@@ -95,7 +95,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
             from megatrain.config import ConfigError
             from megatrain.telemetry.report import dry_run_report
 
-            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
             if world < 1:
                 raise ConfigError(f"--world-size {world}: must be >= 1")
             sys.stdout.write(dry_run_report(cfg, world) + "\n")

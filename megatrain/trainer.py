@@ -260,7 +260,8 @@ class Trainer:
                 ids = self.tokenizer.encode(prompt)
                 new = generate(module, ids, self.cfg.eval.sample_tokens, self.cfg.train.seq_len, self.device,
                                top_p=self.cfg.eval.top_p, temperature=self.cfg.eval.temperature,
-                               seed=self.cfg.train.seed + self.step, eos_id=self.tokenizer.eos_id)
+                               seed=self.cfg.train.seed + self.step, eos_id=self.tokenizer.eos_id,
+                               vocab_limit=self.tokenizer.vocab_size)  # model.vocab_size may be padded past it
                 text = self.tokenizer.decode(new)
                 outs.append(prompt + text)
                 log.info("sample @ step %d: %r", self.step, prompt + text)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from megatrain.run_lock import LOCK_NAME, RunDirBusy, RunLock
+from megatrain.launch.run_lock import LOCK_NAME, RunDirBusy, RunLock
 
 
 def _fake_holder(run_dir, **fields):

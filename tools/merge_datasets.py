@@ -19,7 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatrain.data.indexed import DataFormatError, merge_datasets, normalize_prefix  # noqa: E402
-from megatrain.outputs import check_not_inputs  # noqa: E402
+from megatrain.files import check_not_inputs  # noqa: E402
 
 
 def _natural(s: str) -> list:

@@ -26,7 +26,7 @@ import numpy as np
 from megatrain.data.indexed import (DataFormatError, IndexedDatasetBuilder, best_dtype, check_replaceable,
                                     data_file_paths)
 from megatrain.data.tokenizer import Tokenizer
-from megatrain.outputs import check_not_inputs
+from megatrain.files import check_not_inputs
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import os
 from typing import Iterable, Iterator, Optional, Sequence
 
 from megatrain.data.indexed import DataFormatError, ensure_parent_dir
+from megatrain.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def check_tokenizer_outputs(output_prefix: str, inputs: list[str]) -> None:
     .vocab listing); any other file there is the user's and stays."""
     import sentencepiece as spm
 
-    from megatrain.outputs import check_not_inputs
+    from megatrain.files import check_not_inputs
 
     model, vocab = output_prefix + ".model", output_prefix + ".vocab"
     check_not_inputs([("--output-prefix", model), ("--output-prefix", vocab)], inputs, error=DataFormatError,
@@ -170,7 +171,4 @@ def _looks_like_vocab(path: str) -> bool:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)

@@ -313,7 +313,7 @@ def build_fixtures(root: Path) -> None:
     tok = train_tokenizer(texts, 300, str(root / "tok"), num_threads=1)
     preprocess(PreprocessOptions(inputs=[str(root / "corpus.jsonl")], output_prefix=str(root / "ds"),
                                  tokenizer_model=tok, append_eod=True, progress=False))
-    from megatrain import ckpt_layout as layout
+    from megatrain.checkpoint import layout
     from megatrain.config import load_config
     from megatrain.model import build_model
 

@@ -32,15 +32,17 @@ def _user_errors() -> tuple:
     from megatrain.config import ConfigError
     from megatrain.data.indexed import DataFormatError
     from megatrain.launch.discover import LaunchError
+    from megatrain.launch.run_lock import RunDirBusy
 
-    return (ConfigError, DataFormatError, CheckpointError, LaunchError, FileNotFoundError)
+    return (ConfigError, DataFormatError, CheckpointError, LaunchError, RunDirBusy, FileNotFoundError)
 
 
 def _run_errors() -> tuple:
     """Failures of the job itself (a peer died, a collective timed out): one line naming the phase, exit 1."""
+    from megatrain.checkpoint.save import SaveError
     from megatrain.resilience import DistributedError
 
-    return (DistributedError,)
+    return (DistributedError, SaveError)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -107,6 +109,9 @@ def _main(argv: Optional[list[str]] = None) -> int:
     except _run_errors() as e:
         log.error("job failed: %s", e)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the training loop handles it (start-up, data, engine)
+        log.error("interrupted before training started; no checkpoint was written by this run")
+        return 130
 
 
 def run(cfg) -> int:
@@ -115,6 +120,8 @@ def run(cfg) -> int:
 
     from megatrain.config import ConfigError, validate_world
     from megatrain.launch.rendezvous import init_distributed
+    from megatrain.checkpoint.select import check_fresh_start
+    from megatrain.launch.run_lock import hold_run_dir
     from megatrain.parallel.state import ParallelState
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,11 +132,17 @@ def run(cfg) -> int:
                           "use fp32 or bf16 here")
     init_distributed(cfg.distributed, device_type)  # picks this rank's GPU from its local rank
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    lock = None
     try:
         validate_world(cfg, dist.get_world_size())
         st = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
+        _check_output_dirs(cfg)
+        # One job per run directory, and no fresh start over step directories: both before anything is written.
+        lock = hold_run_dir(Path(cfg.run.dir), st.rank, check=lambda: check_fresh_start(cfg))
         return train_with(cfg, st, device).exit_code
     finally:
+        if lock is not None:
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 

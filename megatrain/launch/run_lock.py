@@ -198,3 +198,31 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class _NotHolding:
+    def release(self) -> None:
+        pass
+
+
+def hold_run_dir(run_dir: Path, rank: int, check=None) -> "RunLock | _NotHolding":
+    """Rank 0 takes the run directory's lock, then runs ``check()`` (checks that must pass before anything is
+    written there); every rank gets the same answer, so when another job holds the directory or the check fails
+    all ranks raise the same error (RunDirBusy names the holder) before any of them writes anything."""
+    import torch.distributed as dist
+
+    lock, verdict = _NotHolding(), [None]
+    if rank == 0:
+        try:
+            lock = RunLock(run_dir).acquire()
+            if check is not None:
+                check()
+        except Exception as e:  # noqa: BLE001 - handed to every rank, re-raised as the same type
+            lock.release()
+            verdict = [(type(e), str(e))]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        kind, message = verdict[0]
+        raise kind(message)
+    return lock

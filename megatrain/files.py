@@ -178,7 +178,8 @@ def conflict(output: PathLike, inputs: Iterable[PathLike], inside_dirs: bool = T
 
 
 def check_not_inputs(outputs: Iterable[tuple[str, PathLike]], inputs: Iterable[PathLike],
-                     error: type = ValueError, fix: str = "choose another output path", inside_dirs: bool = True) -> None:
+                     error: type = ValueError, fix: str = "choose another output path",
+                     inside_dirs: bool = True) -> None:
     """Raise ``error`` when any (label, path) output collides with an input."""
     inputs = [i for i in inputs if i is not None]
     for label, out in outputs:

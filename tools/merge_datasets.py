@@ -58,6 +58,9 @@ def main(argv=None) -> int:
     except OSError as e:  # a folder without write permission, a full disk: the partial files are already gone
         print(f"merge_datasets: error: {e.filename or args.output_prefix}: {e.strerror or e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the outputs are written under temporary names: nothing half-written remains
+        print("merge_datasets: interrupted; no output written", file=sys.stderr)
+        return 130
     secs = time.perf_counter() - start
     size = os.path.getsize(normalize_prefix(args.output_prefix) + ".bin")
     print(f"merge_datasets: {len(prefixes)} datasets -> {args.output_prefix}: {side['num_documents']:,} documents, "

@@ -138,6 +138,9 @@ def main(argv=None) -> int:
     except OSError as e:  # an output folder without write permission, a disk that is full
         print(f"train_tokenizer: error: {e.filename or args.output_prefix}: {e.strerror or e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the outputs are written under temporary names: nothing half-written remains
+        print("train_tokenizer: interrupted; no output written", file=sys.stderr)
+        return 130
     secs = time.perf_counter() - start
     if texts.bad:
         logger.warning("%d records had no usable text under --json-keys %s", texts.bad, " ".join(args.json_keys))

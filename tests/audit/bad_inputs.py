@@ -216,7 +216,16 @@ CASES = [
     Case("megatrain-train", "a string where a number belongs", dry("optimizer.lr=fast"), 2,
          "optimizer.lr: expected a number"),
     Case("megatrain-train", "optimizer.lr=nan", dry("optimizer.lr=.nan"), 2, "must be a finite number"),
+    Case("megatrain-train", "a 500-byte YAML alias bomb (issue 16 class 7)", dry("--config", at("bomb.yaml")), 2,
+         "expands to more than 100,000 values", setup=lambda d: _bomb(d), timeout=60),
+    Case("megatrain-train", "train.max_steps=2**70 (issue 16 class 7)", dry("train.max_steps=1180591620717411303424"),
+         2, "train.max_steps=1180591620717411303424: must be in [1, 1000000000]"),
+    Case("megatrain-train", "distributed.timeout_s=1e20 (issue 16 class 7)", dry("distributed.timeout_s=1.0e20"), 2,
+         "distributed.timeout_s=1e+20: must be in (0, 604800]"),
     # ---------------------------------------------------------------- megatrain-train: start-up
+    Case("megatrain-train", "step directories without COMPLETE, train.resume=auto (issue 16 class 4)", train(), 2,
+         "holds 1 step directory but no complete checkpoint", setup=lambda d: _step_without_complete(d),
+         may_create=("runs/r/.lock",)),
     Case("megatrain-train", "data.path that does not exist", train(lambda d: f"data.path={d / 'nothing'}"), 2,
          "no such file", may_create=("runs",)),
     Case("megatrain-train", "data.tokenizer that does not exist", train(lambda d: f"data.tokenizer={d / 'no.model'}"),
@@ -246,6 +255,19 @@ CASES = [
 
 
 # --------------------------------------------------------------------------- fixtures
+
+
+def _bomb(d: Path) -> None:
+    text = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    (d / "bomb.yaml").write_text(text + "eval: {prompts: *i}\n")
+
+
+def _step_without_complete(d: Path) -> None:
+    step = d / "runs" / "r" / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text("{}")
+    (step / "manifest.json").write_text('{"files": {}}')
 
 
 def _metrics(d: Path) -> None:

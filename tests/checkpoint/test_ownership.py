@@ -71,10 +71,11 @@ def test_auto_resume_never_starts_fresh_over_step_directories(zygote, pattern_da
 
 def test_a_save_never_deletes_a_newer_checkpoint(zygote, pattern_dataset, tmp_path):
     run, log = tmp_path / "run", tmp_path / "log"
-    assert run_to_end(zygote, run_args(pattern_dataset, run, "checkpoint.keep_last=2", "schedule.decay_steps=6", steps=4), log) == [0]
+    keep = ("checkpoint.keep_last=2", "schedule.decay_steps=6")
+    assert run_to_end(zygote, run_args(pattern_dataset, run, *keep, steps=4), log) == [0]
     stray = run / "checkpoints" / "step_00000004" / "notes.txt"
     stray.write_text("mine")  # step 4 is now unusable: resume falls back to step 3
-    assert run_to_end(zygote, run_args(pattern_dataset, run, "checkpoint.keep_last=2", "schedule.decay_steps=6", steps=6), log) == [0]
+    assert run_to_end(zygote, run_args(pattern_dataset, run, *keep, steps=6), log) == [0]
     text = log.read_text()
     assert "resuming from step_00000003 although step_00000004 is newer" in text
     aside = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("step_00000004.superseded-")]

@@ -220,7 +220,7 @@ def test_deepspeed_template_features_megatrain_does_not_support(tmp_path, sectio
     t = tmp_path / "ds.json"
     t.write_text(json.dumps({section: {"enabled": True}, "zero_optimization": {"stage": 1}}))
     cfg = load_config(None, ["model.preset=debug", f"deepspeed.template={t}"])
-    with pytest.raises(ConfigError, match=f"has a '{section}' section, which megatrain does not support"):
+    with pytest.raises(ConfigError, match=f"has the section '{section}', which megatrain does not support"):
         build_ds_config(cfg, plan_batch(cfg.train, 1))
 
 

@@ -74,7 +74,7 @@ def build_ds_config(cfg: Config, plan: BatchPlan) -> dict:
                               f"(train.*, optimizer.*); remove it from the template")
     for key, why in _UNSUPPORTED_KEYS.items():
         if key in ds:
-            raise ConfigError(f"deepspeed template {name} has a {key!r} section, which megatrain does not support: "
+            raise ConfigError(f"deepspeed template {name} has the section {key!r}, which megatrain does not support: "
                               f"{why}; remove it from the template")
     zero = ds.setdefault("zero_optimization", {})
     stage = zero.setdefault("stage", cfg.deepspeed.zero_stage)

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -240,7 +241,7 @@ CASES = [
          train(lambda d: f"deepspeed.template={d / 'tbs.json'}"), 2, "sets 'train_batch_size'",
          setup=write("tbs.json", '{"train_batch_size": 64}'), may_create=("runs",)),
     Case("megatrain-train", "a template with an elasticity block",
-         train(lambda d: f"deepspeed.template={d / 'el.json'}"), 2, "'elasticity' section",
+         train(lambda d: f"deepspeed.template={d / 'el.json'}"), 2, "the section 'elasticity'",
          setup=write("el.json", '{"elasticity": {"enabled": true, "max_train_batch_size": 64}}'),
          may_create=("runs",)),
     Case("megatrain-train", "train.resume naming a path that does not exist",
@@ -401,7 +402,8 @@ def run_case(case: Case, fixtures: Path) -> dict:
 def table(rows: list[dict], root: str) -> str:
     lines = ["| # | tool | bad input | exit | message (abridged) | kept promises |", "|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
-        msg = r["message"].replace(root, "").replace("|", "\\|")
+        msg = re.sub(r"^\d\d:\d\d:\d\d \[r\d+ [^]]*\] ", "", r["message"])  # the log line's time and rank
+        msg = re.sub(re.escape(root) + r"/audit-[a-z0-9_]+/?", "DIR/", msg).replace("|", "\\|")
         msg = msg if len(msg) <= 170 else msg[:167] + "..."
         ok = "yes" if not r["problems"] else "NO: " + "; ".join(r["problems"])
         lines.append(f"| {i} | {r['tool']} | {r['what']} | {r['code']} | `{msg}` | {ok} |")

@@ -135,7 +135,7 @@ def run(cfg) -> int:
     lock = None
     try:
         validate_world(cfg, dist.get_world_size())
-        st = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
+        st = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context)
         _check_output_dirs(cfg)
         # One job per run directory, and no fresh start over step directories: both before anything is written.
         lock = hold_run_dir(Path(cfg.run.dir), st.rank, check=lambda: check_fresh_start(cfg))
@@ -156,6 +156,9 @@ def train_with(cfg, st, device):
     from megatrain.telemetry.report import start_report
     from megatrain.trainer import Trainer
 
+    from megatrain.parallel.fp8 import check_fp8
+
+    check_fp8(cfg.train, device)  # torchao, GPU capability and precision, before any data is touched
     plan = plan_batch(cfg.train, st.dp_size)  # batch and template errors before any data is touched
     ds_config = build_ds_config(cfg, plan)
     _check_output_dirs(cfg)

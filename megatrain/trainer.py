@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatrain import resilience as res
 from megatrain.checkpoint import Checkpointer, Progress
 from megatrain.config import Config
-from megatrain.engine import Built
+from megatrain.engine import Built, pipeline_batches
 from megatrain.model.accounting import flops_per_token
 from megatrain.optim import lr_at
 from megatrain.parallel.state import ParallelState
@@ -54,15 +54,16 @@ class Trainer:
     # ------------------------------------------------------------------ data
 
     def _train_batches(self) -> Iterator:
-        from megatrain.data.loader import build_micro_batches
+        from megatrain.data.loader import build_micro_batches, document_options
 
         return build_micro_batches(self.datasets["train"], micro_batch_size=self.built.plan.micro_batch,
                                    global_batch_size=self.built.plan.global_batch, dp_rank=self.st.dp_rank,
                                    dp_size=self.st.dp_size, consumed_samples=self.consumed_samples,
-                                   num_workers=self.cfg.data.num_workers)
+                                   num_workers=self.cfg.data.num_workers, context=(self.st.cp_rank, self.st.cp_size),
+                                   **document_options(self.cfg.data))
 
     def _eval_batches(self) -> Optional[Iterator]:
-        from megatrain.data.loader import build_micro_batches
+        from megatrain.data.loader import build_micro_batches, document_options
 
         ds = self.datasets.get("valid")
         if ds is None or len(ds) == 0:
@@ -70,7 +71,8 @@ class Trainer:
         plan = self.built.plan
         # The same leading samples of the valid split at every evaluation, so evals are comparable.
         return build_micro_batches(ds, micro_batch_size=plan.micro_batch, global_batch_size=plan.eval_batch,
-                                   dp_rank=self.st.dp_rank, dp_size=plan.dp_size, consumed_samples=0)
+                                   dp_rank=self.st.dp_rank, dp_size=plan.dp_size, consumed_samples=0,
+                                   context=(self.st.cp_rank, self.st.cp_size), **document_options(self.cfg.data))
 
     # ------------------------------------------------------------------ steps
 
@@ -79,11 +81,12 @@ class Trainer:
         ``self.guard.last.loss`` holds the mean afterwards, so the loop needs no reduction of its own."""
         eng = self.engine
         if self.built.is_pipeline:
-            eng.train_batch(data_iter=self._batches)
+            eng.train_batch(data_iter=pipeline_batches(self._batches))
             return
         for _ in range(self.built.plan.grad_accum):
-            tokens, labels = next(self._batches)
-            loss = eng(tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+            # (tokens, labels[, position_ids]): the model takes them in this order
+            batch = [t.to(self.device, non_blocking=True) for t in next(self._batches)]
+            loss = eng(*batch)
             self.guard.observe_loss(loss)
             eng.backward(loss)
             eng.step()
@@ -240,12 +243,12 @@ class Trainer:
         eng.eval()
         try:
             if self.built.is_pipeline:
-                loss = eng.eval_batch(data_iter=batches, num_micro_batches=self.cfg.eval.steps).float()
+                loss = eng.eval_batch(data_iter=pipeline_batches(batches),
+                                      num_micro_batches=self.cfg.eval.steps).float()
             else:
                 total = torch.zeros((), device=self.device)
                 for _ in range(self.cfg.eval.steps):
-                    tokens, labels = next(batches)
-                    total += eng(tokens.to(self.device), labels.to(self.device)).float()
+                    total += eng(*[t.to(self.device) for t in next(batches)]).float()
                 loss = total / self.cfg.eval.steps
         finally:
             eng.train()
@@ -264,6 +267,10 @@ class Trainer:
             return []
         if self.built.is_pipeline:
             log.info("text samples are skipped under pipeline parallelism (evaluation loss still runs)")
+            return []
+        if self.cfg.parallel.sequence_parallel or self.st.cp_size > 1:
+            log.info("text samples are skipped under sequence/context parallelism (a prompt's length is no multiple "
+                     "of the split; evaluation loss still runs)")
             return []
         from megatrain.model.generate import generate
 

@@ -609,18 +609,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise "
                           f"model.max_seq_len (with model.rope_scaling for a long context), or use a long-context "
                           f"preset such as llama3.1-8b")
-    _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
-    _choice("train.nonfinite", t.nonfinite, ("skip", "abort"))
-    _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
-    _choice("train.fused_kernels", t.fused_kernels, ("auto", "triton", "torch"))
+    _check_choices(cfg)
     _check_fp8(t)
-    _choice("train.document_attention", t.document_attention, ("auto", "flex", "varlen", "sdpa"))
-    _choice("schedule.decay", cfg.schedule.decay, ("cosine", "linear", "constant", "wsd"))
-    _choice("deepspeed.offload", cfg.deepspeed.offload, ("none", "optimizer", "all"))
-    _choice("checkpoint.verify", cfg.checkpoint.verify, ("off", "sizes", "full"))
-    _choice("data.verify", cfg.data.verify, ("sizes", "full"))
-    _choice("distributed.backend", cfg.distributed.backend, ("auto", "nccl", "gloo"))
-    _choice("logging.level", str(cfg.logging.level).upper(), ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: must be 0, 1, 2 or 3")
     if p.pipeline > 1 and cfg.deepspeed.zero_stage > 1:
@@ -746,6 +736,22 @@ def _check_fp8(t: TrainConfig) -> None:
     if t.fp8 != "off" and t.precision == "fp16":
         raise ConfigError("train.fp8 with train.precision=fp16: FP8 keeps bf16 activations and gradients between "
                           "its GEMMs; use train.precision=bf16")
+
+
+def _check_choices(cfg: Config) -> None:
+    """The string fields that name one of a fixed set of options."""
+    t = cfg.train
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
+    _choice("train.nonfinite", t.nonfinite, ("skip", "abort"))
+    _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
+    _choice("train.fused_kernels", t.fused_kernels, ("auto", "triton", "torch"))
+    _choice("train.document_attention", t.document_attention, ("auto", "flex", "varlen", "sdpa"))
+    _choice("schedule.decay", cfg.schedule.decay, ("cosine", "linear", "constant", "wsd"))
+    _choice("deepspeed.offload", cfg.deepspeed.offload, ("none", "optimizer", "all"))
+    _choice("checkpoint.verify", cfg.checkpoint.verify, ("off", "sizes", "full"))
+    _choice("data.verify", cfg.data.verify, ("sizes", "full"))
+    _choice("distributed.backend", cfg.distributed.backend, ("auto", "nccl", "gloo"))
+    _choice("logging.level", str(cfg.logging.level).upper(), ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

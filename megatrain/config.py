@@ -54,6 +54,15 @@ class Range:
 POSITIVE = Range(0, lo_open=True)
 NON_NEGATIVE = Range(0)
 FRACTION = Range(0, 1)  # [0, 1]
+# Upper bounds: far past any real run, low enough that the arithmetic on them (sample counts, index sizes,
+# timedeltas, tensor shapes) stays exact and allocatable, so an absurd value is named here, not by numpy or C++.
+MAX_STEPS = 10**9
+STEPS = Range(0, MAX_STEPS)  # step counts and intervals
+DIM = Range(1, 2**20)  # widths
+COUNT = Range(1, 2**16)  # heads, layers, parallel sizes
+LENGTH = Range(1, 2**24)  # tokens in one sequence
+WEEK_S = 7 * 24 * 3600.0
+INT_LIMIT = 2**53  # any int field without its own upper bound
 
 
 def _f(default: Any, doc: str, range: Optional[Range] = None) -> Any:  # noqa: A002 (reads best at call sites)
@@ -77,7 +86,7 @@ class RopeScalingConfig:
     factor: float = _f(8.0, "how much longer than the original context the model is meant to read", POSITIVE)
     low_freq_factor: float = _f(1.0, "wavelengths longer than original_max / low_freq_factor are scaled by 1/factor", POSITIVE)
     high_freq_factor: float = _f(4.0, "wavelengths shorter than original_max / high_freq_factor are kept", POSITIVE)
-    original_max_position_embeddings: int = _f(8192, "context length the unscaled model was trained at", POSITIVE)
+    original_max_position_embeddings: int = _f(8192, "context length the unscaled model was trained at", LENGTH)
 
 
 @dataclass
@@ -85,18 +94,18 @@ class ModelConfig:
     """LLaMA architecture. ``preset`` fills every field the run did not set itself."""
 
     preset: Optional[str] = _f(None, "named shape (debug, demo, llama2-7b, llama3-8b, tinyllama-1.1b, ...)")
-    hidden_size: int = _f(256, "model width C", POSITIVE)
-    num_layers: int = _f(4, "number of transformer blocks", POSITIVE)
-    num_heads: int = _f(8, "query heads per layer", POSITIVE)
-    num_kv_heads: Optional[int] = _f(None, "key/value heads (grouped-query attention); None means num_heads", POSITIVE)
-    ffn_hidden_size: Optional[int] = _f(None, "SwiGLU inner width; None derives it from multiple_of and ffn_dim_multiplier as LLaMA does", POSITIVE)
-    multiple_of: int = _f(256, "the derived FFN width is rounded up to a multiple of this", POSITIVE)
+    hidden_size: int = _f(256, "model width C", Range(1, 2**17))
+    num_layers: int = _f(4, "number of transformer blocks", COUNT)
+    num_heads: int = _f(8, "query heads per layer", COUNT)
+    num_kv_heads: Optional[int] = _f(None, "key/value heads (grouped-query attention); None means num_heads", COUNT)
+    ffn_hidden_size: Optional[int] = _f(None, "SwiGLU inner width; None derives it from multiple_of and ffn_dim_multiplier as LLaMA does", DIM)
+    multiple_of: int = _f(256, "the derived FFN width is rounded up to a multiple of this", DIM)
     ffn_dim_multiplier: Optional[float] = _f(None, "scales the derived FFN width (LLaMA-2 70B: 1.3, LLaMA-3: 1.3 / 1.5)", POSITIVE)
-    vocab_size: int = _f(32000, "vocabulary size; must match the tokenizer and the dataset sidecar", POSITIVE)
+    vocab_size: int = _f(32000, "vocabulary size; must match the tokenizer and the dataset sidecar", Range(1, 2**31 - 1))
     norm_eps: float = _f(1e-5, "RMSNorm epsilon", POSITIVE)
     rope_theta: float = _f(10000.0, "RoPE base frequency", POSITIVE)
     rope_scaling: Optional[RopeScalingConfig] = _f(None, "Llama-3.1 RoPE scaling; null for none")
-    max_seq_len: int = _f(2048, "longest sequence the RoPE tables are built for", POSITIVE)
+    max_seq_len: int = _f(2048, "longest sequence the RoPE tables are built for", LENGTH)
     tie_embeddings: bool = _f(False, "share the input embedding and the output head")
     init_std: float = _f(0.02, "std of the normal init; residual output projections use init_std / sqrt(2 * num_layers)", POSITIVE)
     dropout: float = _f(0.0, "dropout on attention output and MLP output (LLaMA pretraining uses 0)", Range(0, 1, hi_open=True))
@@ -124,14 +133,14 @@ class ModelConfig:
 class ParallelConfig:
     """How the world is cut: TP innermost, then context (CP), then DP, then PP. DP is what is left."""
 
-    tensor: int = _f(1, "tensor-parallel size (ranks that split every weight matrix)", POSITIVE)
+    tensor: int = _f(1, "tensor-parallel size (ranks that split every weight matrix)", COUNT)
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism inside the TP group: norms and the residual "
                                  "stream hold seq_len / tensor tokens per rank (needs parallel.tensor >= 2)")
     context: int = _f(1, "context-parallel size (DeepSpeed-Ulysses): ranks that split every sequence, with an "
-                      "all-to-all around attention", POSITIVE)
-    pipeline: int = _f(1, "pipeline-parallel size (stages)", POSITIVE)
+                      "all-to-all around attention", COUNT)
+    pipeline: int = _f(1, "pipeline-parallel size (stages)", COUNT)
     pipeline_partition: str = _f("parameters", "how blocks are placed on stages: parameters | uniform | type:<regex>")
-    activation_checkpoint_interval: int = _f(0, "pipeline only: checkpoint every N layers (0 = off)", NON_NEGATIVE)
+    activation_checkpoint_interval: int = _f(0, "pipeline only: checkpoint every N layers (0 = off)", Range(0, 2**16))
 
 
 @dataclass
@@ -142,7 +151,7 @@ class DataConfig:
     tokenizer: Optional[str] = _f(None, "sentencepiece .model file; checked against the dataset sidecar")
     split: str = _f("969,30,1", "train,valid,test weights over documents")
     cache_dir: Optional[str] = _f(None, "where sample indices are cached (.npy); default: next to the dataset")
-    num_workers: int = _f(0, "background processes that assemble batches (0 = in the training process, with a prefetch thread)", NON_NEGATIVE)
+    num_workers: int = _f(0, "background processes that assemble batches (0 = in the training process, with a prefetch thread)", Range(0, 1024))
     verify: str = _f("sizes", "dataset check at start: sizes (index vs file sizes) | full (every token < vocab)")
     document_mask: bool = _f(False, "packed samples respect documents: a token attends only to earlier tokens of its "
                                     "own document (boundaries from the sample index; docs/data.md)")
@@ -169,9 +178,9 @@ class OptimizerConfig:
 class ScheduleConfig:
     """Learning-rate schedule: linear warmup, then a decay to optimizer.min_lr."""
 
-    warmup_steps: int = _f(100, "linear warmup from 0 to the peak LR", NON_NEGATIVE)
+    warmup_steps: int = _f(100, "linear warmup from 0 to the peak LR", STEPS)
     decay: str = _f("cosine", "cosine | linear | constant | wsd")
-    decay_steps: Optional[int] = _f(None, "steps from the start to the end of decay; None means train.max_steps", POSITIVE)
+    decay_steps: Optional[int] = _f(None, "steps from the start to the end of decay; None means train.max_steps", Range(1, MAX_STEPS))
     wsd_decay_fraction: float = _f(0.2, "wsd: the final fraction of decay_steps spent cooling down linearly", FRACTION)
 
 
@@ -179,20 +188,20 @@ class ScheduleConfig:
 class TrainConfig:
     """The step loop: batch shape, length, precision, resume and failure policies."""
 
-    max_steps: int = _f(1000, "optimizer steps to train", POSITIVE)
-    seq_len: int = _f(256, "tokens per sample (inputs); each sample reads seq_len + 1 tokens", POSITIVE)
-    micro_batch_size: int = _f(4, "samples per forward/backward on one data-parallel rank", POSITIVE)
-    global_batch_size: Optional[int] = _f(None, "samples per optimizer step over all DP ranks; None = micro_batch x DP", POSITIVE)
+    max_steps: int = _f(1000, "optimizer steps to train", Range(1, MAX_STEPS))
+    seq_len: int = _f(256, "tokens per sample (inputs); each sample reads seq_len + 1 tokens", LENGTH)
+    micro_batch_size: int = _f(4, "samples per forward/backward on one data-parallel rank", Range(1, 2**20))
+    global_batch_size: Optional[int] = _f(None, "samples per optimizer step over all DP ranks; None = micro_batch x DP", Range(1, 2**30))
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (bf16/fp16 keep fp32 masters)")
     seed: int = _f(1234, "seeds weights, data order and dropout", Range(0, 2**32 - 1))
     resume: str = _f("auto", "auto (newest complete checkpoint, else fresh) | never | PATH")
     resume_allow_changes: list = _f([], "what may differ from the checkpoint: data, tokenizer, model, schedule, topology (a new TP/PP/DP without portable optimizer state: weights only)")
     deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible resume, slower)")
     nonfinite: str = _f("skip", "NaN/Inf loss or grad norm: skip (drop the update) | abort")
-    max_nonfinite_in_a_row: int = _f(10, "skip policy: abort after this many non-finite steps in a row", POSITIVE)
+    max_nonfinite_in_a_row: int = _f(10, "skip policy: abort after this many non-finite steps in a row", Range(1, MAX_STEPS))
     spike_zscore: float = _f(0.0, "treat a loss this many std above the recent mean as a spike (0 = off)", NON_NEGATIVE)
-    spike_window: int = _f(100, "steps of loss history for the spike z-score", Range(2))
-    max_wall_time: Optional[float] = _f(None, "seconds: save and exit with the requeue code before this budget runs out", POSITIVE)
+    spike_window: int = _f(100, "steps of loss history for the spike z-score", Range(2, 10**7))
+    max_wall_time: Optional[float] = _f(None, "seconds: save and exit with the requeue code before this budget runs out", Range(0, 100 * 365 * 86400.0, lo_open=True))
     activation_checkpointing: str = _f("none", "none | full | selective (keep every GEMM and attention output, recompute the elementwise work: norms, RoPE, SwiGLU, residual adds)")
     fused_kernels: str = _f("auto", "auto (Triton on GPU, PyTorch elsewhere) | triton | torch")
     compile: bool = _f(False, "torch.compile each block (FP8 on a GPU turns it on: its casts need fusing)")
@@ -209,18 +218,18 @@ class TrainConfig:
                                          "flex (flex_attention, document block mask) | varlen (flash varlen_attn) | "
                                          "sdpa (explicit boolean mask; the reference)")
     loss_chunk_tokens: int = _f(0, "tokens per chunk of the fused head + cross-entropy; 0 sizes chunks to ~256 MiB "
-                                   "of fp32 logits", NON_NEGATIVE)
+                                   "of fp32 logits", Range(0, 2**40))
 
 
 @dataclass
 class EvalConfig:
     """Validation loss and text samples."""
 
-    interval: int = _f(0, "evaluate on the valid split every N steps (0 = only at the end)", NON_NEGATIVE)
-    steps: int = _f(10, "micro-batches per evaluation", NON_NEGATIVE)
-    sample_interval: int = _f(0, "print generated text every N steps (0 = only at the end)", NON_NEGATIVE)
+    interval: int = _f(0, "evaluate on the valid split every N steps (0 = only at the end)", STEPS)
+    steps: int = _f(10, "micro-batches per evaluation", Range(0, 10**7))
+    sample_interval: int = _f(0, "print generated text every N steps (0 = only at the end)", STEPS)
     prompts: list = _f(["The "], "prompts for text samples")
-    sample_tokens: int = _f(32, "tokens generated per prompt", NON_NEGATIVE)
+    sample_tokens: int = _f(32, "tokens generated per prompt", Range(0, 2**20))
     top_p: float = _f(0.0, "nucleus sampling threshold (0 = greedy)", FRACTION)
     temperature: float = _f(1.0, "sampling temperature (with top_p)", POSITIVE)
 
@@ -238,9 +247,9 @@ class DeepSpeedSection:
 class CheckpointConfig:
     """Saving cadence and integrity."""
 
-    interval: int = _f(0, "save every N steps (0 = only at the end)", NON_NEGATIVE)
-    keep_last: int = _f(3, "keep the newest N checkpoints (0 = keep all)", NON_NEGATIVE)
-    keep_every: int = _f(0, "additionally keep every checkpoint whose step is a multiple of this (0 = off)", NON_NEGATIVE)
+    interval: int = _f(0, "save every N steps (0 = only at the end)", STEPS)
+    keep_last: int = _f(3, "keep the newest N checkpoints (0 = keep all)", STEPS)
+    keep_every: int = _f(0, "additionally keep every checkpoint whose step is a multiple of this (0 = off)", STEPS)
     verify: str = _f("sizes", "check the manifest at load: off | sizes | full (SHA-256 of every file)")
     save_at_end: bool = _f(True, "save when training finishes")
     portable_optimizer: bool = _f(True, "also save the AdamW state under canonical names (optim/): exact resume at another TP/PP/DP size or ZeRO stage; about as large as DeepSpeed's optimizer files")
@@ -250,7 +259,7 @@ class CheckpointConfig:
 class LoggingConfig:
     """Console, metrics.jsonl and wandb."""
 
-    interval: int = _f(10, "print and record metrics every N steps", POSITIVE)
+    interval: int = _f(10, "print and record metrics every N steps", Range(1, MAX_STEPS))
     level: str = _f("INFO", "log level of rank 0 (other ranks log warnings and errors)")
     all_ranks: bool = _f(False, "let every rank log at the chosen level")
     wandb_project: Optional[str] = _f(None, "wandb project; offline mode when no API key is set")
@@ -264,8 +273,8 @@ class DistributedConfig:
     """Process group and failure detection."""
 
     backend: str = _f("auto", "auto (nccl on GPU, gloo on CPU) | nccl | gloo")
-    timeout_s: float = _f(600.0, "a collective that waits longer than this ends the job with an error", POSITIVE)
-    preflight_timeout_s: float = _f(60.0, "the start-up all-reduce must finish within this", POSITIVE)
+    timeout_s: float = _f(600.0, "a collective that waits longer than this ends the job with an error", Range(0, WEEK_S, lo_open=True))
+    preflight_timeout_s: float = _f(60.0, "the start-up all-reduce must finish within this", Range(0, WEEK_S, lo_open=True))
 
 
 @dataclass
@@ -358,6 +367,9 @@ register_preset("llama3.2-3b", hidden_size=3072, num_layers=28, num_heads=24, nu
 # --------------------------------------------------------------------------- building
 
 
+COMMA_LISTS = ("train.resume_allow_changes",)  # lists of names, also written a,b on the command line
+
+
 def _is_optional(tp: Any) -> tuple[bool, Any]:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -414,8 +426,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if inner is list:
         if isinstance(value, list):
             return list(value)
-        if isinstance(value, str):
-            return [v for v in value.split(",") if v] if value else []
+        if isinstance(value, str) and key in COMMA_LISTS:
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # one item: "Hello, world" is one prompt, not two
+            return [value]
         raise ConfigError(f"{key}: expected a list, got {value!r}")
     return value
 
@@ -473,6 +487,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     tree: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"--config {p}: is a directory; pass a YAML file")
         if not p.is_file():
             raise ConfigError(f"--config {p}: no such file")
         try:
@@ -481,13 +497,49 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"--config {p}: not UTF-8 text ({e.reason} at byte {e.start}); is it the right file?") from None
+        except OSError as e:  # permissions, an unreadable network file system
+            raise ConfigError(f"--config {p}: cannot be read ({e.strerror or e}); check its permissions") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {p}: the top level must be a mapping of sections")
+        check_expanded_size(loaded, f"--config {p}")
         tree = loaded
     for arg in overrides or []:
         key, value = parse_override(arg)
+        check_expanded_size(value, arg.split("=", 1)[0])
         _set_dotted(tree, key, value)
     return config_from_tree(tree)
+
+
+MAX_CONFIG_NODES = 100_000  # a real run config has a few hundred values
+
+
+def check_expanded_size(tree: Any, where: str) -> None:
+    """Refuse YAML whose aliases expand to more than MAX_CONFIG_NODES values (a 'billion laughs' file of a
+    few hundred bytes would otherwise take minutes and all memory when the tree is copied)."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(obj: Any) -> int:  # each shared object is sized once; its size counts at every reference
+        key = id(obj)
+        if key in open_:
+            raise ConfigError(f"{where}: a YAML alias refers to the mapping or list that contains it; a config "
+                              f"must be a tree")
+        if key not in sizes:
+            open_.add(key)
+            items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+            total = 1
+            for item in items:
+                total += size(item)
+                if total > MAX_CONFIG_NODES:
+                    break
+            sizes[key] = total
+            open_.discard(key)
+        return sizes[key]
+
+    n = size(tree)
+    if n > MAX_CONFIG_NODES:
+        raise ConfigError(f"{where}: expands to more than {MAX_CONFIG_NODES:,} values (YAML aliases that repeat "
+                          f"themselves); write the values out instead of nesting aliases")
 
 
 def _unique_key_loader() -> type:
@@ -672,6 +724,8 @@ def _check_ranges(section: Any, prefix: str = "") -> None:
                 raise ConfigError(f"{key}={v}: must be a finite number" + (f" {allowed}" if allowed else ""))
             if allowed is not None and not allowed.holds(v):
                 raise ConfigError(f"{key}={v!r}: must be {allowed}")
+            if isinstance(v, int) and abs(v) > INT_LIMIT:
+                raise ConfigError(f"{key}={v!r}: too large (at most 2**53)")
 
 
 def _check_partition(spec: str) -> None:
@@ -703,6 +757,22 @@ def _check_fp8(t: TrainConfig) -> None:
     if t.fp8 != "off" and t.precision == "fp16":
         raise ConfigError("train.fp8 with train.precision=fp16: FP8 keeps bf16 activations and gradients between "
                           "its GEMMs; use train.precision=bf16")
+
+
+def _check_choices(cfg: Config) -> None:
+    """The string fields that name one of a fixed set of options."""
+    t = cfg.train
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
+    _choice("train.nonfinite", t.nonfinite, ("skip", "abort"))
+    _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
+    _choice("train.fused_kernels", t.fused_kernels, ("auto", "triton", "torch"))
+    _choice("train.document_attention", t.document_attention, ("auto", "flex", "varlen", "sdpa"))
+    _choice("schedule.decay", cfg.schedule.decay, ("cosine", "linear", "constant", "wsd"))
+    _choice("deepspeed.offload", cfg.deepspeed.offload, ("none", "optimizer", "all"))
+    _choice("checkpoint.verify", cfg.checkpoint.verify, ("off", "sizes", "full"))
+    _choice("data.verify", cfg.data.verify, ("sizes", "full"))
+    _choice("distributed.backend", cfg.distributed.backend, ("auto", "nccl", "gloo"))
+    _choice("logging.level", str(cfg.logging.level).upper(), ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -10,6 +10,7 @@ One home for what data preprocessing, checkpoints and conversion all need:
 - :func:`sha256_file` / :func:`sha256_files` / :func:`file_entry`: content hashes (threads
   overlap reading and hashing of large files: hashlib releases the GIL on big buffers).
 - :func:`file_in_the_way`: a regular file that would stop a directory from being created.
+- :func:`check_not_inputs` / :func:`conflict`: an output that is, holds or sits in an input.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 _BLOCK = 1 << 22
@@ -128,3 +129,69 @@ def sha256_files(paths: list[PathLike], fsync: bool = False) -> list[str]:
         return [sha256_file(p, fsync) for p in paths]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return list(pool.map(lambda p: sha256_file(p, fsync), paths))
+
+
+# --------------------------------------------------------------------------- outputs never overwrite inputs
+#
+# Every tool that writes files (preprocess_data, merge_datasets, train_tokenizer, megatrain-convert) runs these
+# checks before it reads or writes anything large: an output is never an input (the same file by path, symlink
+# or hard link), never a directory that holds an input (replacing it would delete the input) and never inside an
+# input directory or checkpoint. Each tool also replaces an existing output only when it carries the mark of an
+# earlier output of its own (a data sidecar, a SentencePiece model, a converter marker). Real paths are compared
+# (symlinks resolved), so ./data/x, data//x and a symlink to it are one path.
+
+
+def real(path: PathLike) -> Path:
+    """The absolute path with every symlink resolved (the path need not exist)."""
+    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """True when ``a`` and ``b`` name one file: equal real paths, or one inode (a hard link)."""
+    if real(a) == real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def is_inside(path: PathLike, folder: PathLike) -> bool:
+    """True when ``path`` lies strictly below ``folder`` (real paths)."""
+    p, f = real(path), real(folder)
+    return p != f and f in p.parents
+
+
+def conflict(output: PathLike, inputs: Iterable[PathLike], inside_dirs: bool = True) -> Optional[str]:
+    """How ``output`` collides with one of ``inputs``, as words for an error message, or None.
+    ``inside_dirs``: an output below an input directory counts too (a data tool's next run over that
+    directory would read its own output back as input)."""
+    for inp in inputs:
+        if same_file(output, inp):
+            return f"is the input {inp}"
+        if is_inside(inp, output):
+            return f"contains the input {inp} (replacing it would delete the input)"
+        if inside_dirs and os.path.isdir(inp) and is_inside(output, inp):
+            return (f"lies inside the input directory {inp} (the next run over that directory would read it back "
+                    f"as input)")
+    return None
+
+
+def check_not_inputs(outputs: Iterable[tuple[str, PathLike]], inputs: Iterable[PathLike],
+                     error: type = ValueError, fix: str = "choose another output path",
+                     inside_dirs: bool = True) -> None:
+    """Raise ``error`` when any (label, path) output collides with an input."""
+    inputs = [i for i in inputs if i is not None]
+    for label, out in outputs:
+        why = conflict(out, inputs, inside_dirs)
+        if why is not None:
+            raise error(f"{label} {out}: {why}; {fix}")
+
+
+def enclosing_checkpoint(path: PathLike, markers: tuple[str, ...]) -> Optional[Path]:
+    """The nearest existing folder at or above ``path`` that holds one of ``markers`` (e.g. a checkpoint's
+    meta.json / manifest.json), or None."""
+    for p in (real(path), *real(path).parents):
+        if p.is_dir() and any((p / m).exists() for m in markers):
+            return p
+    return None

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 ABORT_EXIT_CODE = 3  # the run diverged (train.nonfinite=abort, or too many bad steps in a row)
 HANG_EXIT_CODE = 124  # like timeout(1): a rank made no progress within distributed.timeout_s
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # what Slurm sends before a time limit / preemption
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # Slurm before a time limit / preemption; Ctrl-C
 # Words in the errors gloo and NCCL raise when a peer is stuck or gone.
 _COMM_FAILURE_WORDS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
                        "nccl error", "peer", "socket", "closed by remote")
@@ -98,6 +98,15 @@ class StopSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            # The first Ctrl-C asks for a save and exit 75, like SIGTERM. A second one must stop the process even
+            # inside a long C call (a hung collective), where Python handlers cannot run: so the default action
+            # comes back, and the next Ctrl-C ends the process at once (a save in progress stays a temporary
+            # directory that the next save removes). No KeyboardInterrupt traceback either way.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            sys.stderr.write("interrupt: finishing this step, saving a checkpoint and exiting with code 75 (press "
+                             "Ctrl-C again to stop at once without saving)\n")
+            sys.stderr.flush()
 
     def __enter__(self) -> "StopSignals":
         for name in STOP_SIGNALS:

@@ -32,15 +32,17 @@ def _user_errors() -> tuple:
     from megatrain.config import ConfigError
     from megatrain.data.indexed import DataFormatError
     from megatrain.launch.discover import LaunchError
+    from megatrain.launch.run_lock import RunDirBusy
 
-    return (ConfigError, DataFormatError, CheckpointError, LaunchError, FileNotFoundError)
+    return (ConfigError, DataFormatError, CheckpointError, LaunchError, RunDirBusy, FileNotFoundError)
 
 
 def _run_errors() -> tuple:
     """Failures of the job itself (a peer died, a collective timed out): one line naming the phase, exit 1."""
+    from megatrain.checkpoint.save import SaveError
     from megatrain.resilience import DistributedError
 
-    return (DistributedError,)
+    return (DistributedError, SaveError)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -69,6 +71,14 @@ def resolve_config(args: argparse.Namespace):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from megatrain.launch.exit_status import record
+
+    code = _main(argv)
+    record(code)  # a launcher that replaces exit codes (torchrun) cannot hide 75 from its wrapper
+    return code
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
     from megatrain.telemetry.logs import setup_logging
 
     args = parse_args(argv)
@@ -87,7 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             from megatrain.config import ConfigError
             from megatrain.telemetry.report import dry_run_report
 
-            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
             if world < 1:
                 raise ConfigError(f"--world-size {world}: must be >= 1")
             sys.stdout.write(dry_run_report(cfg, world) + "\n")
@@ -99,6 +109,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except _run_errors() as e:
         log.error("job failed: %s", e)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the training loop handles it (start-up, data, engine)
+        log.error("interrupted before training started; no checkpoint was written by this run")
+        return 130
 
 
 def run(cfg) -> int:
@@ -107,6 +120,8 @@ def run(cfg) -> int:
 
     from megatrain.config import ConfigError, validate_world
     from megatrain.launch.rendezvous import init_distributed
+    from megatrain.checkpoint.select import check_fresh_start
+    from megatrain.launch.run_lock import hold_run_dir
     from megatrain.parallel.state import ParallelState
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,11 +132,17 @@ def run(cfg) -> int:
                           "use fp32 or bf16 here")
     init_distributed(cfg.distributed, device_type)  # picks this rank's GPU from its local rank
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    lock = None
     try:
         validate_world(cfg, dist.get_world_size())
         st = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context)
+        _check_output_dirs(cfg)
+        # One job per run directory, and no fresh start over step directories: both before anything is written.
+        lock = hold_run_dir(Path(cfg.run.dir), st.rank, check=lambda: check_fresh_start(cfg))
         return train_with(cfg, st, device).exit_code
     finally:
+        if lock is not None:
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -173,11 +173,12 @@ class Trainer:
                 if not saved:
                     self._save(wd)
                 return REQUEUE_EXIT_CODE
-        with wd.phase("final evaluation", factor=3):
-            self.evaluate()
-            self.sample()
+        # The checkpoint first: evaluation and samples are optional and must never cost it.
         if cfg.checkpoint.save_at_end and self.step > steps_at_start:
             self._save(wd)
+        with wd.phase("final evaluation", factor=3):
+            self._optional("final evaluation", self.evaluate)
+            self._optional("final text samples", self.sample)
         log.info("done: %d steps, %s tokens in %.0f s", self.step,
                  f"{self.consumed_samples * t.seq_len:,}", time.time() - start)
         return 0
@@ -187,16 +188,27 @@ class Trainer:
         cfg, s = self.cfg, self.step
         if s >= cfg.train.max_steps:
             return False
+        saved = bool(cfg.checkpoint.interval and s % cfg.checkpoint.interval == 0)
+        if saved:  # before the optional work below, which must never cost a checkpoint
+            self._save(wd)
         if cfg.eval.interval and s % cfg.eval.interval == 0:
             with wd.phase(f"evaluation at step {s}", factor=3):
-                self.evaluate()
+                self._optional(f"evaluation at step {s}", self.evaluate)
         if cfg.eval.sample_interval and s % cfg.eval.sample_interval == 0:
             with wd.phase(f"text samples at step {s}", factor=3):
-                self.sample()
-        if cfg.checkpoint.interval and s % cfg.checkpoint.interval == 0:
-            self._save(wd)
-            return True
-        return False
+                self._optional(f"text samples at step {s}", self.sample)
+        return saved
+
+    def _optional(self, what: str, fn) -> None:
+        """Run optional work (evaluation, samples); a failure is logged and training goes on. A failed collective
+        is not optional: the other ranks would be left waiting, so it ends the run as before."""
+        try:
+            fn()
+        except res.DistributedError:
+            raise
+        except Exception as e:  # noqa: BLE001 - anything optional: decode errors, metrics I/O, a wandb hiccup
+            log.error("%s failed (%s: %s); training continues, checkpoints are not affected", what,
+                      type(e).__name__, e)
 
     def _save(self, wd: res.Watchdog) -> None:
         began = time.time()
@@ -270,7 +282,8 @@ class Trainer:
                 ids = self.tokenizer.encode(prompt)
                 new = generate(module, ids, self.cfg.eval.sample_tokens, self.cfg.train.seq_len, self.device,
                                top_p=self.cfg.eval.top_p, temperature=self.cfg.eval.temperature,
-                               seed=self.cfg.train.seed + self.step, eos_id=self.tokenizer.eos_id)
+                               seed=self.cfg.train.seed + self.step, eos_id=self.tokenizer.eos_id,
+                               vocab_limit=self.tokenizer.vocab_size)  # model.vocab_size may be padded past it
                 text = self.tokenizer.decode(new)
                 outs.append(prompt + text)
                 log.info("sample @ step %d: %r", self.step, prompt + text)

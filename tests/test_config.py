@@ -117,7 +117,7 @@ def test_help_shows_ranges():
     from megatrain.config import describe_fields
 
     docs = dict((k, d) for k, _, d in describe_fields())
-    assert docs["optimizer.beta2"].endswith("[in [0, 1)]") and docs["train.max_steps"].endswith("[> 0]")
+    assert docs["optimizer.beta2"].endswith("[in [0, 1)]") and docs["train.max_steps"].endswith("[in [1, 1000000000]]")
 
 
 def test_key_written_twice_in_a_config_file(tmp_path):
@@ -128,3 +128,107 @@ def test_key_written_twice_in_a_config_file(tmp_path):
     p.write_text("train:\n  max_steps: 5\n  seq_len: 16\n  max_steps: 6\n")
     with pytest.raises(ConfigError, match="'max_steps' appears twice"):
         load_config(p)
+
+
+# --------------------------------------------------------------------------- issue 16: classes 7 and 8
+
+
+def test_unreadable_config_file(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    p = tmp_path / "run.yaml"
+    p.write_text("train: {max_steps: 5}\n")
+
+    def denied(self, *a, **k):  # the tests run as root, for whom chmod 000 does not deny reading
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(ConfigError, match=r"--config .*run.yaml: cannot be read \(Permission denied\)"):
+        load_config(p)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+BOMB = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("text", [
+    "a: &a [x, x, x, x, x, x, x, x, x]\n" + BOMB + "eval: {prompts: *i}\n",  # 9**9 strings from 500 bytes
+    "a: &a [x, x, x, x, x, x, x, x, x]\n" + BOMB,  # never used by the config: refused all the same
+    "train: &t {resume_allow_changes: [*t]}\n",  # an alias inside itself
+])
+def test_yaml_alias_bombs_are_refused_quickly(tmp_path, text):
+    import time
+
+    p = tmp_path / "bomb.yaml"
+    p.write_text(text)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="expands to more than 100,000 values|refers to the mapping or list"):
+        load_config(p)
+    assert time.monotonic() - t0 < 5
+
+
+def test_yaml_anchors_of_normal_size_still_work(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("model: {preset: debug}\neval:\n  prompts: &p [\"Hello, world\", c]\ndata: {split: \"9,1,0\"}\n")
+    assert load_config(p).eval.prompts == ["Hello, world", "c"]
+
+
+@pytest.mark.parametrize("override,field", [
+    ("train.max_steps=1180591620717411303424", "train.max_steps"),  # 2**70
+    ("train.max_steps=1000000001", "train.max_steps"),
+    ("model.hidden_size=1099511627776", "model.hidden_size"),
+    ("model.num_layers=100000", "model.num_layers"),
+    ("model.vocab_size=4294967296", "model.vocab_size"),
+    ("train.seq_len=1e12", "train.seq_len"),
+    ("train.micro_batch_size=9007199254740993", "train.micro_batch_size"),
+    ("train.global_batch_size=2147483648", "train.global_batch_size"),
+    ("distributed.timeout_s=1e20", "distributed.timeout_s"),
+    ("distributed.preflight_timeout_s=1e10", "distributed.preflight_timeout_s"),
+    ("schedule.warmup_steps=10000000000", "schedule.warmup_steps"),
+    ("checkpoint.keep_last=10000000000", "checkpoint.keep_last"),
+    ("eval.sample_tokens=100000000", "eval.sample_tokens"),
+    ("data.num_workers=100000", "data.num_workers"),
+    ("parallel.tensor=1000000", "parallel.tensor"),
+    ("train.max_wall_time=1e300", "train.max_wall_time"),
+    ("train.seed=-1", "train.seed"),
+])
+def test_absurd_numbers_are_named(override, field):
+    with pytest.raises(ConfigError, match=f"^{field.replace('.', '[.]')}[=:]"):
+        load_config(None, ["model.preset=debug", override])
+
+
+def test_a_plain_string_prompt_is_one_prompt(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text('eval:\n  prompts: "Hello, world"\n')
+    assert load_config(p).eval.prompts == ["Hello, world"]
+    assert load_config(None, ["eval.prompts=Hello, world"]).eval.prompts == ["Hello, world"]
+    assert load_config(None, ["eval.prompts=[a, b]"]).eval.prompts == ["a", "b"]
+    # names lists keep the comma form of the command line
+    assert load_config(None, ["train.resume_allow_changes=data, model"]).train.resume_allow_changes == ["data", "model"]
+
+
+@pytest.mark.parametrize("section", ["elasticity", "autotuning", "curriculum_learning", "data_efficiency",
+                                     "activation_checkpointing"])
+def test_deepspeed_template_features_megatrain_does_not_support(tmp_path, section):
+    import json
+
+    from megatrain.data.batch import plan_batch
+    from megatrain.engine import build_ds_config
+
+    t = tmp_path / "ds.json"
+    t.write_text(json.dumps({section: {"enabled": True}, "zero_optimization": {"stage": 1}}))
+    cfg = load_config(None, ["model.preset=debug", f"deepspeed.template={t}"])
+    with pytest.raises(ConfigError, match=f"has the section '{section}', which megatrain does not support"):
+        build_ds_config(cfg, plan_batch(cfg.train, 1))
+
+
+def test_sample_index_too_large_for_memory_is_named(tmp_path):
+    from megatrain.data.gpt_dataset import GPTDataset
+    from megatrain.data.indexed import DataFormatError, IndexedDataset
+    from tests.data.helpers import make_dataset
+
+    ds = IndexedDataset(make_dataset(str(tmp_path / "d"), [[1] * 50] * 4))
+    with pytest.raises(DataFormatError, match="sample index, more than half of this machine's"):
+        GPTDataset(ds, (0, 4), seq_len=8, num_samples=10**9 * 2**20, seed=0, cache_dir=str(tmp_path))

@@ -19,6 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatrain.data.indexed import DataFormatError, merge_datasets, normalize_prefix  # noqa: E402
+from megatrain.files import check_not_inputs  # noqa: E402
 
 
 def _natural(s: str) -> list:
@@ -46,14 +47,22 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         prefixes = expand_inputs(args.input)
-        if normalize_prefix(args.output_prefix) in prefixes:
-            raise DataFormatError(f"--output-prefix {args.output_prefix}: is also an input")
-        side = merge_datasets(prefixes, args.output_prefix, tool="megatrain tools/merge_datasets.py")
+        # An output inside an input directory would be merged into itself by the next run over that directory.
+        check_not_inputs([("--output-prefix", normalize_prefix(args.output_prefix) + ".idx")],
+                         [d for d in args.input if os.path.isdir(d)], error=DataFormatError,
+                         fix="choose another --output-prefix")
+        side = merge_datasets(prefixes, normalize_prefix(args.output_prefix), tool="megatrain tools/merge_datasets.py")
     except (DataFormatError, ValueError) as e:
         print(f"merge_datasets: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a folder without write permission, a full disk: the partial files are already gone
+        print(f"merge_datasets: error: {e.filename or args.output_prefix}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the outputs are written under temporary names: nothing half-written remains
+        print("merge_datasets: interrupted; no output written", file=sys.stderr)
+        return 130
     secs = time.perf_counter() - start
-    size = os.path.getsize(args.output_prefix + ".bin")
+    size = os.path.getsize(normalize_prefix(args.output_prefix) + ".bin")
     print(f"merge_datasets: {len(prefixes)} datasets -> {args.output_prefix}: {side['num_documents']:,} documents, "
           f"{side['num_tokens']:,} tokens, {size / 1e6:.1f} MB in {secs:.1f} s ({size / 1e6 / max(secs, 1e-9):.0f} MB/s)")
     return 0

@@ -7,23 +7,24 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatrain.telemetry.jsonl import read_records  # noqa: E402
+
 
 def load_records(path: Path) -> list[dict]:
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            # the last line of a run killed mid-write may be cut; anything else is worth knowing about
-            sys.stderr.write(f"{path}:{n}: not JSON, skipped\n")
+    records, problems = read_records(path)
+    for line in problems[:20]:
+        sys.stderr.write(line + "\n")
     return records
+
+
+def _numbers(r: dict, *keys: str) -> bool:
+    return all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for k in keys)
 
 
 def plot(records: list[dict], out: Path) -> None:
@@ -32,8 +33,8 @@ def plot(records: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_loss" in r]
+    train = [r for r in records if _numbers(r, "step", "loss", "lr", "tokens_per_s")]
+    evals = [r for r in records if _numbers(r, "step", "eval_loss")]
     fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if evals:
@@ -53,6 +54,24 @@ def plot(records: list[dict], out: Path) -> None:
     os.replace(tmp, out)
 
 
+PNG_MAGIC = b"\x89PNG"
+
+
+def check_out(out: Path, metrics: Path) -> str:
+    """The plot replaces only a PNG image (an earlier plot), never the metrics it reads or any other file."""
+    if out.suffix.lower() != ".png":
+        return "the plot is a PNG image; give a .png path"
+    if out.is_dir():
+        return "is a directory"
+    if out.exists():
+        if out.resolve() == metrics.resolve():
+            return "is the metrics file this tool reads"
+        with open(out, "rb") as f:
+            if f.read(4) != PNG_MAGIC:
+                return "exists and is not a PNG image; choose another path or move the file"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path)
@@ -63,11 +82,23 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {path}: no such file (is {a.run_dir} a megatrain run directory?)\n")
         return 2
     records = load_records(path)
+    records = [r for r in records if _numbers(r, "step", "loss", "lr", "tokens_per_s") or _numbers(r, "step", "eval_loss")]
     if not any("loss" in r for r in records):
         sys.stderr.write(f"error: {path}: no training steps recorded yet\n")
         return 2
     out = a.out or a.run_dir / "metrics.png"
-    plot(records, out)
+    problem = check_out(out, path)
+    if problem:
+        sys.stderr.write(f"error: --out {out}: {problem}\n")
+        return 2
+    try:
+        plot(records, out)
+    except ImportError:
+        sys.stderr.write("error: plotting needs matplotlib: pip install matplotlib\n")
+        return 2
+    except OSError as e:
+        sys.stderr.write(f"error: {e.filename or out}: {e.strerror or e}\n")
+        return 2
     steps = [r["step"] for r in records if "loss" in r]
     print(f"plotted {len(steps)} logged steps (up to step {max(steps)}) and "
           f"{sum('eval_loss' in r for r in records)} evaluations -> {out}")

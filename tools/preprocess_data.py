@@ -68,6 +68,10 @@ def main(argv=None) -> int:
     except (DataFormatError, ValueError) as e:
         print(f"preprocess_data: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a folder without write permission, a full disk: the partial files are already gone
+        print(f"preprocess_data: error: {e.filename or args.output_prefix}: {e.strerror or e}; no output written",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("preprocess_data: interrupted; no output written", file=sys.stderr)
         return 130

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatrain.data.indexed import DataFormatError  # noqa: E402
 from megatrain.data.preprocess import PreprocessOptions, check_options, iter_records, _is_json  # noqa: E402
-from megatrain.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from megatrain.data.tokenizer import Tokenizer, check_tokenizer_outputs, train_tokenizer  # noqa: E402
 
 logger = logging.getLogger("train_tokenizer")
 
@@ -55,8 +55,13 @@ class _Texts:
                 self.records += 1
                 self.bytes += len(raw)
                 if not is_json:
-                    self.usable += bool(raw.strip())
-                    yield raw.decode("utf-8", errors="replace")
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError:  # never learn pieces from U+FFFD replacement characters
+                        self.bad += 1
+                        continue
+                    self.usable += bool(text.strip())
+                    yield text
                     continue
                 try:
                     obj = json.loads(raw)
@@ -69,13 +74,52 @@ class _Texts:
                 yield from texts
 
 
+SPECIAL_PIECES = 3  # <unk>, <s>, </s>
+BYTE_PIECES = 256  # byte fallback: one piece per byte value
+
+
+def check_tokenizer_args(args: argparse.Namespace) -> None:
+    """Numbers SentencePiece would reject with an internal assertion (or silently misuse), named here."""
+    symbols = [s for s in args.user_defined_symbols.split(",") if s]
+    least = SPECIAL_PIECES + len(symbols) + (0 if args.no_byte_fallback else BYTE_PIECES) + 1
+    if args.vocab_size < least:
+        raise ValueError(f"--vocab-size {args.vocab_size}: too small; the {SPECIAL_PIECES} special pieces"
+                         + ("" if args.no_byte_fallback else f", {BYTE_PIECES} byte-fallback pieces")
+                         + (f", {len(symbols)} --user-defined-symbols" if symbols else "")
+                         + f" and at least one piece per character of the text need more than {least - 1} "
+                           f"(LLaMA uses 32000)")
+    if args.vocab_size > 1_000_000:
+        raise ValueError(f"--vocab-size {args.vocab_size}: SentencePiece's BPE trainer is meant for vocabularies up "
+                         f"to about 1,000,000 (LLaMA uses 32000, Llama 3 128256)")
+    if not 0 < args.character_coverage <= 1:
+        raise ValueError(f"--character-coverage {args.character_coverage}: must be in (0, 1] (e.g. 0.9995)")
+    if args.input_sentence_size < 0:
+        raise ValueError(f"--input-sentence-size {args.input_sentence_size}: must be >= 0 (0 = use every line)")
+    if args.num_threads is not None and args.num_threads < 1:
+        raise ValueError(f"--num-threads {args.num_threads}: must be >= 1")
+
+
+def explain(msg: str, args: argparse.Namespace) -> str:
+    """SentencePiece's 'Vocabulary size is smaller than required_chars. A vs B' in the words of this tool."""
+    import re
+
+    m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg)
+    if m:
+        return (f"--vocab-size {m.group(1)}: the text's characters and the special pieces need {m.group(2)} "
+                f"pieces; raise --vocab-size above {m.group(2)} or lower --character-coverage "
+                f"(now {args.character_coverage})")
+    return msg
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
     texts = None
     try:
+        check_tokenizer_args(args)
         files = check_options(PreprocessOptions(inputs=args.input, output_prefix=args.output_prefix,
                                                 tokenizer_model=""))
+        check_tokenizer_outputs(args.output_prefix, files + [p for p in args.input if os.path.isdir(p)])
         texts = _Texts(files, args.json_keys)
         start = time.perf_counter()
         symbols = [s for s in args.user_defined_symbols.split(",") if s]
@@ -89,8 +133,14 @@ def main(argv=None) -> int:
         if texts is not None and texts.records and texts.usable == 0:  # SentencePiece's own words do not say why
             msg = (f"no usable text in {texts.records:,} records of --input ({texts.bad:,} without a string under "
                    f"--json-keys {' '.join(args.json_keys)}); check the keys and the input files")
-        print(f"train_tokenizer: error: {msg}", file=sys.stderr)
+        print(f"train_tokenizer: error: {explain(msg, args)}", file=sys.stderr)
         return 1
+    except OSError as e:  # an output folder without write permission, a disk that is full
+        print(f"train_tokenizer: error: {e.filename or args.output_prefix}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the outputs are written under temporary names: nothing half-written remains
+        print("train_tokenizer: interrupted; no output written", file=sys.stderr)
+        return 130
     secs = time.perf_counter() - start
     if texts.bad:
         logger.warning("%d records had no usable text under --json-keys %s", texts.bad, " ".join(args.json_keys))

@@ -31,6 +31,8 @@ class RunParts:
     rng_tracker: Any = None
     guard: Any = None
     fingerprints: dict = field(default_factory=dict)
+    resumed_step: Optional[int] = None  # set by resume: the first save sets aside step dirs newer than it
+    set_aside_done: bool = False
 
     @property
     def root(self) -> Path:

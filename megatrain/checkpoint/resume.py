@@ -46,6 +46,7 @@ def resume(ck: RunParts) -> Progress:
     """Load the checkpoint that ``train.resume`` names into the engine; returns the run's progress."""
     path = select_on_rank0(ck)
     if path is None:
+        ck.resumed_step = 0
         return Progress(0, 0)
     meta = layout.read_meta(path)
     compat.check_compatible(ck.cfg, ck.fingerprints, meta, path)
@@ -72,6 +73,7 @@ def resume(ck: RunParts) -> Progress:
         ck.guard.load_state_dict(meta.get("resilience"))
     if "schedule" in ck.cfg.train.resume_allow_changes:
         apply_schedule(ck, step)
+    ck.resumed_step = step
     log.info("resumed from %s: step %d, %d samples consumed (%s)", path, step, meta["consumed_samples"], how)
     return Progress(step, int(meta["consumed_samples"]))
 

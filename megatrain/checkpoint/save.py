@@ -10,8 +10,10 @@ loadable partial one.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import time
 import shutil
 import signal
 from pathlib import Path
@@ -36,17 +38,45 @@ SAVE_PHASES = ("start", "ds", "model", "optim", "rng", "hashed", "meta", "manife
 
 
 def _crash_point(phase: str, step: int) -> None:
+    """Tests: ``PHASE[@STEP]`` SIGKILLs this process there; ``enospc:PHASE[@STEP]`` raises the OSError a full
+    disk gives (on every rank that has the variable)."""
     spec = os.environ.get(CRASH_ENV)
     if not spec:
         return
+    fault, _, spec = spec.rpartition(":")
     name, _, at = spec.partition("@")
     if name == phase and (not at or int(at) == step):
+        if fault == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"(injected at save phase {phase})")
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+class SaveError(RuntimeError):
+    """A save that could not be written (disk full, permissions, I/O error); nothing of it was installed."""
+
+
+def _agree(error: str | None, ck: RunParts, tmp: Path, step: int) -> None:
+    """Every rank learns whether any rank failed to write; then all raise the same SaveError, after rank 0 removed
+    the temporary directory. Replaces a barrier (so a rank whose write failed does not leave the others waiting)."""
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if not failed:
+        return
+    if ck.st.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    newest = layout.list_checkpoints(ck.root)
+    rank, first = failed[0]
+    raise SaveError(f"checkpoint save at step {step} failed on {len(failed)} rank(s) (rank {rank}: {first}); its "
+                    f"temporary directory {tmp.name} was removed and nothing was installed, so the newest complete "
+                    f"checkpoint is still {newest[-1].name if newest else 'none'}. Free space (or fix the file "
+                    f"system) and resume")
+
+
+def _describe(e: OSError) -> str:
+    return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
 
 
 def local_model_tensors(ck: RunParts) -> dict[str, torch.Tensor]:
@@ -85,12 +115,36 @@ def save(ck: RunParts, progress: Progress) -> Path:
     root, step, st = ck.root, progress.step, ck.st
     tag = layout.tag_for_step(step)
     final, tmp = root / tag, root / f".tmp-{tag}"
+    error = None
     if st.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(root)
-        (tmp / "rng").mkdir(parents=True)
-    _barrier()
-    _crash_point("start", step)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(root)
+            set_aside_newer(ck)
+            (tmp / "rng").mkdir(parents=True)
+        except OSError as e:
+            error = _describe(e)
+    _agree(error, ck, tmp, step)
+    try:
+        _crash_point("start", step)
+        optimizer_step, portable = _write_rank_files(ck, tmp, step)
+    except OSError as e:  # a full disk, permissions: every rank hears of it at _agree and raises SaveError
+        error, optimizer_step, portable = _describe(e), 0, False
+    _agree(error, ck, tmp, step)
+    entries = _hash_distributed(tmp, st.rank, st.world_size)
+    _crash_point("hashed", step)
+    if st.rank == 0:
+        try:
+            _finish(ck, progress, tmp, final, entries, optimizer_step, portable)
+        except OSError as e:
+            error = _describe(e)
+    _agree(error, ck, tmp, step)
+    return final
+
+
+def _write_rank_files(ck: RunParts, tmp: Path, step: int) -> tuple[int, bool]:
+    """This rank's part: DeepSpeed's files, its model shard, portable optimizer state, RNG state."""
+    st = ck.st
     ck.engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
     _crash_point("ds", step)
     tensors = local_model_tensors(ck)
@@ -102,13 +156,29 @@ def save(ck: RunParts, progress: Progress) -> Path:
     with atomic_path(tmp / "rng" / f"rank{st.rank:05d}.pt", fsync=False) as f:
         torch.save(rng_state(ck.rng_tracker), f)
     _crash_point("rng", step)
-    _barrier()
-    entries = _hash_distributed(tmp, st.rank, st.world_size)
-    _crash_point("hashed", step)
-    if st.rank == 0:
-        _finish(ck, progress, tmp, final, entries, optimizer_step, portable)
-    _barrier()
-    return final
+    return optimizer_step, portable
+
+
+def set_aside_newer(ck: RunParts) -> list[Path]:
+    """Rank 0, at a run's first save: step directories newer than the step it resumed from (0 when it started
+    fresh) are renamed to ``step_N.superseded-<time>``, never deleted or overwritten: they may be a newer run's
+    work that resume could not use (a stray file, a missing COMPLETE) or that train.resume=never skipped."""
+    if ck.set_aside_done or ck.resumed_step is None:
+        return []
+    ck.set_aside_done = True
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    moved = []
+    for p in layout.list_checkpoints(ck.root, complete_only=False):
+        if layout.step_of_tag(p.name) > ck.resumed_step:
+            aside = p.with_name(f"{p.name}.superseded-{stamp}")
+            os.replace(p, aside)
+            moved.append(aside)
+            log.warning("%s is newer than the step this run resumed from (%d); set aside as %s instead of being "
+                        "overwritten or pruned. Delete it once you are sure it is not needed", p, ck.resumed_step,
+                        aside.name)
+    if moved:
+        fsync_dir(ck.root)
+    return moved
 
 
 def save_portable_optimizer(ck: RunParts, tmp: Path) -> tuple[int, bool]:

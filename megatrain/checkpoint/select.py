@@ -154,8 +154,45 @@ def select_checkpoint(mode: str, root: Path, verify: str) -> Optional[Path]:
     if found is None and mode != "auto":
         raise CheckpointError(f"train.resume={mode}: holds no complete checkpoint")
     if found is None:
+        refuse_fresh_start(root)
         log.info("train.resume=auto: no checkpoint under %s; starting from scratch", root)
+    else:
+        newer = [p for p in layout.list_checkpoints(root, complete_only=False)
+                 if layout.step_of_tag(p.name) > layout.step_of_tag(found.name)]
+        if newer:
+            log.warning("resuming from %s although %s %s newer (unusable: see above); the first save of this run "
+                        "sets %s aside as <name>.superseded-<time> instead of deleting or overwriting it",
+                        found.name, ", ".join(p.name for p in newer), "is" if len(newer) == 1 else "are",
+                        "it" if len(newer) == 1 else "them")
     return found
+
+
+def check_fresh_start(cfg) -> None:
+    """At start-up, before the run writes anything: train.resume=auto over step directories none of which is
+    complete is refused now (cheap: listing and manifest sizes), not after config.yaml was rewritten."""
+    root = Path(cfg.run.dir) / "checkpoints"
+    if cfg.train.resume == "auto" and not layout.list_checkpoints(root):
+        refuse_fresh_start(root)
+
+
+def refuse_fresh_start(root: Path) -> None:
+    """train.resume=auto never starts from scratch over step directories: each is reported with what to do."""
+    dirs = layout.list_checkpoints(root, complete_only=False) if root.is_dir() else []
+    if not dirs:
+        return
+    lines = []
+    for d in dirs[-5:]:
+        try:
+            layout.verify_manifest(d, "sizes")
+            whole = "its files match its manifest: if it is whole (copied without the marker?), `touch " \
+                    f"{d / layout.COMPLETE}` makes it usable"
+        except (CheckpointError, OSError, ValueError, KeyError) as e:
+            whole = f"it does not verify ({str(e)[:160]}); it cannot be resumed"
+        lines.append(f"{d.name}: no {layout.COMPLETE} marker; {whole}")
+    raise CheckpointError(f"train.resume=auto: {root} holds {len(dirs)} step director{'ies' if len(dirs) > 1 else 'y'} "
+                          f"but no complete checkpoint, and starting from scratch would overwrite them: "
+                          + "; ".join(lines) + ". Fix or move them, or start over deliberately with "
+                          "train.resume=never (they are then set aside, not deleted)")
 
 
 def resolve_checkpoint_dir(path: PathLike, verify: str = "sizes") -> Path:

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import torch
 
+from megatrain import files as outputs
 from megatrain.checkpoint import layout
 from megatrain.config import Config, ConfigError, validate
 from megatrain.convert import gguf_export, hf_export, verify
@@ -117,16 +118,49 @@ def check_args(args: argparse.Namespace) -> None:
                               f"choose another output path")
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse to replace anything the user keeps, unless --overwrite."""
-    if not out.exists() or overwrite:
-        return
-    if out.is_dir() and not any(out.iterdir()):
+MARKER = ".megatrain-convert.json"  # in every HF output: the mark that --overwrite may replace the directory
+WRITTEN_BY = "megatrain-convert"  # meta.json["written_by"] of a megatrain output: the same mark
+GGUF_MAGIC = b"GGUF"
+
+
+def check_output(out: Path, overwrite: bool, source: Optional[Path] = None) -> None:
+    """Refuse an output that is, holds or sits in the input or in a checkpoint, whatever the flags; refuse to
+    replace anything unless --overwrite, and even then anything megatrain-convert did not write itself."""
+    if source is not None:
+        why = outputs.conflict(out, [source], inside_dirs=False)
+        if why is None and outputs.is_inside(out, source) and out.is_dir() and any(out.glob(f"step_*/{layout.META}")):
+            why = f"contains the checkpoints of the input {source}"  # e.g. RUN_DIR -> RUN_DIR/checkpoints
+        if why is not None:
+            raise ConversionError(f"{out}: the output {why}; choose an output path outside the input")
+    ckpt = outputs.enclosing_checkpoint(out.absolute().parent, (layout.META, layout.MANIFEST, layout.COMPLETE))
+    if ckpt is not None:
+        raise ConversionError(f"{out}: lies inside the checkpoint {ckpt}, whose manifest would no longer match its "
+                              f"files (resume and conversion would refuse it); choose an output path outside it")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     what = "a model" if (out.is_file() or (out / "config.json").exists() or (out / layout.META).exists()) \
         else "files"
-    raise ConversionError(f"{out}: already exists and holds {what}; choose another output path or pass --overwrite "
-                          f"to replace it")
+    if not overwrite:
+        raise ConversionError(f"{out}: already exists and holds {what}; choose another output path or pass "
+                              f"--overwrite to replace it")
+    if not written_by_us(out):
+        raise ConversionError(f"{out}: already exists and holds {what} that megatrain-convert did not write (no "
+                              f"{MARKER} / meta.json written_by / GGUF header), so --overwrite will not replace it; "
+                              f"choose another output path or delete it yourself")
+
+
+def written_by_us(out: Path) -> bool:
+    """An earlier output of this tool: an HF directory with our marker, a megatrain checkpoint whose meta.json
+    says so, or a GGUF file."""
+    if out.is_file():
+        with open(out, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    if (out / MARKER).is_file():
+        return True
+    try:
+        return json.loads((out / layout.META).read_text()).get("written_by") == WRITTEN_BY
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def output_dtype(args: argparse.Namespace, src: Source) -> Optional[torch.dtype]:
@@ -194,6 +228,7 @@ def megatrain_extra_meta(src: Source, tok_path: Optional[Path], tok: Any) -> dic
     else:
         extra = {"source": {"format": "hf", "path": str(src.path), "hf_config": src.hf_config,
                             "hf_generation_config": hf_export.source_generation_config(src)}}
+    extra["written_by"] = WRITTEN_BY
     if tok is not None:
         extra["tokenizer_sha256"] = tok.sha256
         extra["tokenizer_path"] = str(Path(tok_path).resolve())
@@ -217,6 +252,8 @@ def write_output(args: argparse.Namespace, src: Source, tmp: Path, dtype: Option
             tmp.mkdir(parents=True)
             nbytes = hf_export.write_hf(tmp, src, dtype, hf_export.parse_size(args.max_shard_size), tok_path, tok,
                                         bar.update)
+            layout.atomic_write_json(tmp / MARKER, {"written_by": WRITTEN_BY, "source": str(src.path),
+                                                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         elif args.to == "gguf":
             nbytes = gguf_export.write_gguf(tmp, src, args.outtype, tok_path, tok, bar.update,
                                             name=args.name or Path(args.output).stem)
@@ -294,9 +331,12 @@ def convert(args: argparse.Namespace) -> str:
     Raises VerificationFailed (nothing installed) or a ConversionError / CheckpointError / ConfigError."""
     check_args(args)
     out = Path(args.output)
-    check_output(out, args.overwrite)
+    check_output(out, args.overwrite, Path(args.input))
     start = time.time()
     src = load_source(args.input, args.source_kind, args.tokenizer, verify=args.checkpoint_verify)
+    why = outputs.conflict(out, [src.path], inside_dirs=False)  # the step directory a run directory resolved to
+    if why is not None:
+        raise ConversionError(f"{out}: the output {why}; choose an output path outside the input")
     dtype = output_dtype(args, src)
     tok_path, tok = resolve_tokenizer(args, src)
     tmp = _tmp_path(out)

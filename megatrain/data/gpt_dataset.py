@@ -195,6 +195,22 @@ def dataset_identity(indexed: IndexedDataset) -> dict:
 # --------------------------------------------------------------------------- dataset
 
 
+def check_index_size(prefix: str, name: str, epochs: int, sequences: int, tokens: int, seq_len: int) -> None:
+    """Refuse sample indices that cannot fit in memory (an absurd train.max_steps on a small corpus) with a
+    message, before numpy raises MemoryError or the machine swaps."""
+    samples = (epochs * tokens - 1) // seq_len
+    need = 8 * epochs * sequences + 16 * (samples + 1) + 8 * samples  # document, sample, shuffle index (int64)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        have = 1 << 40
+    if need > have // 2:
+        raise DataFormatError(f"{prefix}: the {name} split needs {epochs:,} epochs ({samples:,} samples) for the "
+                              f"requested steps, a {need / 2**30:,.1f} GiB sample index, more than half of this "
+                              f"machine's {have / 2**30:,.1f} GiB; lower train.max_steps (or the batch size), or add "
+                              f"data")
+
+
 class GPTDataset:
     """Samples of ``seq_len + 1`` tokens (int64) from documents [start, end) of an indexed dataset.
 
@@ -218,6 +234,7 @@ class GPTDataset:
         per_epoch = (self.tokens_per_epoch - 1) // self.seq_len
         self.num_samples_requested = per_epoch if num_samples is None else int(num_samples)
         self.num_epochs = num_epochs_for(self.tokens_per_epoch, self.seq_len, self.num_samples_requested)
+        check_index_size(indexed.prefix, name, self.num_epochs, len(lengths), self.tokens_per_epoch, self.seq_len)
         desc = {"class": "GPTDataset", "version": INDEX_VERSION, "dataset": dataset_identity(indexed),
                 "document_range": [int(start), int(end)], "seq_len": self.seq_len, "seed": self.seed,
                 "num_samples": self.num_samples_requested, "split": name,

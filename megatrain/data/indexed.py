@@ -97,9 +97,10 @@ def write_json_atomic(path: str, obj: Any) -> None:
 class IndexedDataset:
     """Read-only view of PREFIX.bin / PREFIX.idx.
 
-    ``len(ds)`` is the number of sequences. ``verify="sizes"`` runs every structural check of the spec
-    (cheap: it reads the index, not the tokens); ``verify="full"`` also reads every token and checks it
-    against ``vocab_size`` (taken from the sidecar when not given) and the sidecar's content hashes.
+    ``len(ds)`` is the number of sequences. ``verify="sizes"`` runs every structural check of the spec and
+    the sidecar's SHA-256 of the .idx (cheap: it reads the index, not the tokens); ``verify="full"`` also
+    reads every token and checks it against ``vocab_size`` (taken from the sidecar when not given) and the
+    sidecar's SHA-256 of the .bin.
     """
 
     def __init__(self, prefix: str, verify: str = "sizes", vocab_size: Optional[int] = None):
@@ -231,6 +232,13 @@ class IndexedDataset:
             if field in side and side[field] != value:
                 raise DataFormatError(f"{path}: {field}: sidecar says {side[field]!r} but {self.idx_path} has "
                                       f"{value!r}; the sidecar belongs to another dataset, re-run preprocessing")
+        # The index is small next to the tokens (12 bytes a sequence + 8 a document), so its hash is checked
+        # at every open: an .idx swapped for another of the same size passes every structural check, and the
+        # sample-index cache is keyed by this hash.
+        if side.get("idx_sha256") and sha256_file(self.idx_path) != side["idx_sha256"]:
+            raise DataFormatError(f"{path}: idx_sha256: {self.idx_path} does not match the hash recorded at "
+                                  f"preprocessing; the index was replaced or is corrupt (or the sidecar belongs to "
+                                  f"another dataset), re-run preprocessing")
 
     def check_vocab_size(self, vocab_size: int) -> None:
         """Raise when the token dtype cannot hold ids of this vocabulary (e.g. uint16 data, 128K vocabulary)."""
@@ -261,7 +269,7 @@ class IndexedDataset:
                                       f"outside the vocabulary [0, {vocab}); the data was tokenized with another "
                                       f"tokenizer or is corrupt")
         side = self.sidecar or {}
-        for field, path in (("idx_sha256", self.idx_path), ("bin_sha256", self.bin_path)):
+        for field, path in (("bin_sha256", self.bin_path),):  # idx_sha256 is checked at every open
             if side.get(field) and sha256_file(path) != side[field]:
                 raise DataFormatError(f"{self.sidecar_path}: {field}: {path} does not match the hash recorded at "
                                       f"preprocessing; the file changed or is corrupt, re-run preprocessing")
@@ -351,6 +359,7 @@ class IndexedDatasetBuilder:
         self._num_sequences = 0
         self._sources: list[Any] = []
         self._tokenizer_sha: Optional[str] = None
+        self._unlabelled: list[str] = []  # merged datasets whose sidecar names no tokenizer
         self._eod_id: Optional[int] = None
         self._closed = False
 
@@ -427,6 +436,8 @@ class IndexedDatasetBuilder:
         # A shard without a sidecar says nothing of its vocabulary: its tokens are checked as they are copied.
         self._copy_bin(other.bin_path, check_vocab=side.get("vocab_size") is None)
         self._sources.extend(side.get("sources") or [os.path.basename(other.prefix)])
+        if not side.get("tokenizer_sha256"):
+            self._unlabelled.append(other.prefix)
         del other
 
     def _check_compatible(self, path: str, side: dict) -> None:
@@ -473,9 +484,16 @@ class IndexedDatasetBuilder:
         lengths = np.concatenate(self._lengths) if self._lengths else np.empty(0, np.int32)
         idx_tmp = self.prefix + ".idx" + self._suffix
         idx_sha = write_index(idx_tmp, self.dtype, lengths, np.asarray(self._doc_indices, dtype=np.int64))
+        merged_sha = self._tokenizer_sha
+        if self._unlabelled and merged_sha:
+            # Ids in range prove nothing about which tokenizer made a shard: the merge may not claim one.
+            logger.warning("%s: the output records no tokenizer: %s %s no sidecar naming one (the other inputs "
+                           "were made with tokenizer %s...)", self.prefix, ", ".join(self._unlabelled[:3]),
+                           "has" if len(self._unlabelled) == 1 else "have", merged_sha[:12])
+            merged_sha = None
         sidecar = {
             "format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, "tool": tool or TOOL_VERSION,
-            "tokenizer_sha256": tokenizer_sha256 or self._tokenizer_sha, "vocab_size": self.vocab_size,
+            "tokenizer_sha256": tokenizer_sha256 or merged_sha, "vocab_size": self.vocab_size,
             "eod_id": eod_id if eod_id is not None else self._eod_id, "dtype": self.dtype.name,
             "num_tokens": int(lengths.sum(dtype=np.int64)), "num_sequences": int(lengths.size),
             "num_documents": len(self._doc_indices) - 1,
@@ -523,6 +541,35 @@ def write_index(path: str, dtype: Any, lengths: np.ndarray, document_indices: np
     return h.hexdigest()
 
 
+def check_replaceable(prefix: str, flag: str = "--output-prefix") -> None:
+    """Refuse to write a dataset at ``prefix`` over files that are not an earlier megatrain dataset.
+
+    The sidecar is the mark: PREFIX.bin/.idx/.json are replaced only when PREFIX.json is a megatrain sidecar
+    (so an earlier run of preprocess_data / merge_datasets made them). A PREFIX.json that is something else
+    (a corpus, a config), a .bin/.idx pair without one (another tool's dataset, kept data) or a directory in
+    the way are never replaced."""
+    paths = data_file_paths(prefix)
+    for path in paths:
+        if os.path.isdir(path):
+            raise DataFormatError(f"{flag} {prefix}: {path} is a directory; choose another output prefix")
+    bin_path, idx_path, json_path = paths
+    if os.path.exists(json_path):
+        try:
+            side = read_sidecar(prefix)
+        except DataFormatError:
+            side = None
+        if not isinstance(side, dict) or side.get("format") != SIDECAR_FORMAT:
+            raise DataFormatError(f"{flag} {prefix}: {json_path} exists and is not a megatrain dataset sidecar; "
+                                  f"writing the dataset would replace it. Choose another output prefix or move "
+                                  f"that file")
+        return
+    kept = [p for p in (bin_path, idx_path) if os.path.exists(p)]
+    if kept:
+        raise DataFormatError(f"{flag} {prefix}: {' and '.join(kept)} exist without a megatrain sidecar "
+                              f"({json_path}), so megatrain did not write them; it will not replace them. Choose "
+                              f"another output prefix or delete them yourself")
+
+
 def ensure_parent_dir(prefix: str) -> None:
     """Create the folder an output prefix lives in; a path through a regular file is a ValueError."""
     parent = os.path.dirname(os.path.abspath(prefix))
@@ -537,13 +584,22 @@ def merge_datasets(prefixes: list[str], output_prefix: str, tool: Optional[str] 
     """Concatenate datasets in the given order into OUTPUT (byte-identical to building it at once)."""
     if not prefixes:
         raise ValueError("no input datasets to merge")
+    from megatrain.files import check_not_inputs
+
+    check_not_inputs([("--output-prefix", p) for p in data_file_paths(normalize_prefix(output_prefix))],
+                     [p for prefix in prefixes for p in data_file_paths(normalize_prefix(prefix))],
+                     error=DataFormatError, fix="choose another --output-prefix")
+    check_replaceable(normalize_prefix(output_prefix))
     first = IndexedDataset(prefixes[0])
-    side = first.sidecar or {}
+    # The vocabulary (and eod id) of the first input that records one, so that the order of the inputs does
+    # not decide whether a sidecar-less shard can be merged with labelled ones.
+    side = next((sc for sc in map(read_sidecar, map(normalize_prefix, prefixes)) if sc and sc.get("vocab_size")),
+                first.sidecar or {})
     vocab = side.get("vocab_size") or (UINT16_VOCAB_LIMIT - 1 if first.dtype == np.uint16
                                         else int(np.iinfo(first.dtype).max) + 1)
     dtype = first.dtype
     del first
-    extra = {k: side[k] for k in ("tokenizer_sha256", "eod_id") if side.get(k) is not None}
+    extra = {k: side[k] for k in ("eod_id",) if side.get(k) is not None}  # the tokenizer: as the builder finds
     if not side.get("vocab_size"):
         extra["vocab_size"] = None  # unknown: the builder's bound above is the dtype's, not a vocabulary
     with IndexedDatasetBuilder(output_prefix, vocab_size=int(vocab), dtype=dtype) as builder:

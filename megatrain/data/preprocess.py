@@ -23,8 +23,10 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from megatrain.data.indexed import DataFormatError, IndexedDatasetBuilder, best_dtype
+from megatrain.data.indexed import (DataFormatError, IndexedDatasetBuilder, best_dtype, check_replaceable,
+                                    data_file_paths)
 from megatrain.data.tokenizer import Tokenizer
+from megatrain.files import check_not_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +130,10 @@ def _parse(is_json: bool, raw: bytes) -> tuple[Optional[list[str]], Optional[str
     """(texts per key, None) or (None, reason it is malformed)."""
     keys = _W["keys"]
     if not is_json:
-        return [raw.decode("utf-8", errors="replace").rstrip("\r\n")], None
+        try:
+            return [raw.decode("utf-8").rstrip("\r\n")], None
+        except UnicodeDecodeError as e:  # replacing bytes with U+FFFD would train on garbage silently
+            return None, f"not UTF-8 text ({e.reason} at byte {e.start})"
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -251,7 +256,39 @@ def check_options(opts: PreprocessOptions) -> list[str]:
         raise ValueError(f"--workers {opts.workers}: must be at least 1")
     if opts.text_unit not in ("line", "file"):
         raise ValueError(f"--text-unit {opts.text_unit!r}: choose line or file")
+    for path in files:
+        if not _is_json(path):  # a JSON line with a NUL byte is one malformed record; a text file has no records
+            check_text(path)
     return files
+
+
+SNIFF_BYTES = 1 << 16
+
+
+def check_text(path: str) -> None:
+    """Refuse a file that is not text: NUL bytes in its first 64 KiB (a binary file, UTF-16) would otherwise be
+    tokenized as U+FFFD replacement characters or skipped line by line as malformed."""
+    try:
+        with _reading(path), _open(path) as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as e:  # unreadable (permissions), a FIFO that fails, ...
+        raise DataFormatError(f"--input {path}: cannot be read ({e.strerror or e}); check the file's "
+                              f"permissions") from None
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise DataFormatError(f"--input {path}: not a text file (a NUL byte at byte {nul}: binary "
+                              f"data or UTF-16 text); pass UTF-8 JSONL or text files")
+
+
+def check_outputs(opts: PreprocessOptions, files: list[str]) -> list[str]:
+    """The output prefixes, after checking that no output is an input and nothing else gets replaced."""
+    outputs = _output_prefixes(opts)
+    inputs = files + [p for p in opts.inputs if os.path.isdir(p)] + [opts.tokenizer_model]
+    check_not_inputs([("--output-prefix", path) for prefix in outputs for path in data_file_paths(prefix)],
+                     inputs, error=DataFormatError, fix="choose another --output-prefix")
+    for prefix in outputs:
+        check_replaceable(prefix)
+    return outputs
 
 
 def _record_result(res: dict, builders: list, state: dict, result: PreprocessResult, files: list[str],
@@ -306,8 +343,8 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     from tqdm import tqdm
 
     files = check_options(opts)
+    outputs = check_outputs(opts, files)
     tok = Tokenizer(opts.tokenizer_model)
-    outputs = _output_prefixes(opts)
     lo, hi = _partition_range(files, opts)
     sizes_known = not any(p.endswith(".gz") for p in files) and opts.num_partitions == 1
     total = sum(os.path.getsize(p) for p in files) if sizes_known else None

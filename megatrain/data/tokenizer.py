@@ -132,5 +132,43 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str, *
     return model_path
 
 
+def check_tokenizer_outputs(output_prefix: str, inputs: list[str]) -> None:
+    """PREFIX.model / PREFIX.vocab are never an input, and replace only an earlier SentencePiece model (and its
+    .vocab listing); any other file there is the user's and stays."""
+    import sentencepiece as spm
+
+    from megatrain.files import check_not_inputs
+
+    model, vocab = output_prefix + ".model", output_prefix + ".vocab"
+    check_not_inputs([("--output-prefix", model), ("--output-prefix", vocab)], inputs, error=DataFormatError,
+                     fix="choose another --output-prefix")
+    for path in (model, vocab):
+        if os.path.isdir(path):
+            raise DataFormatError(f"--output-prefix {output_prefix}: {path} is a directory; choose another prefix")
+    if os.path.exists(model):
+        try:
+            with open(model, "rb") as f:
+                spm.SentencePieceProcessor().LoadFromSerializedProto(f.read())
+        except Exception:  # sentencepiece raises RuntimeError/OSError depending on the version
+            raise DataFormatError(f"--output-prefix {output_prefix}: {model} exists and is not a SentencePiece "
+                                  f"model; training would replace it. Choose another prefix or move it") from None
+    if os.path.exists(vocab) and not _looks_like_vocab(vocab):
+        raise DataFormatError(f"--output-prefix {output_prefix}: {vocab} exists and is not a SentencePiece "
+                              f"vocabulary listing (piece<TAB>score lines); choose another prefix or move it")
+
+
+def _looks_like_vocab(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            lines = f.read(1 << 16).split(b"\n")[:50]
+    except OSError:
+        return False
+    lines = [line for line in lines[:-1] if line] or lines
+    try:
+        return all(len(line.split(b"\t")) == 2 and float(line.split(b"\t")[1]) <= 0 for line in lines if line)
+    except ValueError:
+        return False
+
+
 def _write_atomic(path: str, data: bytes) -> None:
     atomic_write_bytes(path, data)

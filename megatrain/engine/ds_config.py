@@ -21,6 +21,19 @@ _OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_a
                "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16",
                # DeepSpeed's other spellings of precision: "bfloat16" is bf16's alias, the others cast the forward
                "bfloat16", "torch_autocast", "amp")
+# DeepSpeed features that change what megatrain controls (batch size, sequence length, data order, the model,
+# the run itself): refused before any data is loaded, since DeepSpeed fails on them late or silently overrides.
+_UNSUPPORTED_KEYS = {
+    "elasticity": "it changes the batch size and accumulation with the world size; megatrain derives them from "
+                  "train.global_batch_size",
+    "autotuning": "it launches its own experiment runs; tune with megatrain's config and --dry-run",
+    "curriculum_learning": "it changes the sequence length during training; megatrain's data pipeline fixes "
+                           "train.seq_len",
+    "data_efficiency": "it re-orders and re-samples the data; megatrain's data pipeline owns data order",
+    "compression_training": "it rewrites the model's layers, which megatrain's checkpoints would not describe",
+    "sparse_attention": "it replaces the attention megatrain's model defines",
+    "activation_checkpointing": "megatrain applies activation recomputation itself (train.activation_checkpointing)",
+}
 
 
 def load_template(cfg: Config) -> tuple[str, dict]:
@@ -44,6 +57,8 @@ def load_template(cfg: Config) -> tuple[str, dict]:
         loaded = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"deepspeed.template {path}: not valid JSON: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"deepspeed.template {path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(loaded, dict) or not isinstance(loaded.get("zero_optimization", {}), dict):
         raise ConfigError(f"deepspeed.template {path}: the top level, and zero_optimization if present, must be "
                           f"JSON objects (DeepSpeed's config layout)")
@@ -57,6 +72,10 @@ def build_ds_config(cfg: Config, plan: BatchPlan) -> dict:
         if key in ds:
             raise ConfigError(f"deepspeed template {name} sets {key!r}, which megatrain derives from its own config "
                               f"(train.*, optimizer.*); remove it from the template")
+    for key, why in _UNSUPPORTED_KEYS.items():
+        if key in ds:
+            raise ConfigError(f"deepspeed template {name} has the section {key!r}, which megatrain does not support: "
+                              f"{why}; remove it from the template")
     zero = ds.setdefault("zero_optimization", {})
     stage = zero.setdefault("stage", cfg.deepspeed.zero_stage)
     if stage != cfg.deepspeed.zero_stage and not (cfg.parallel.pipeline > 1 and cfg.deepspeed.template is None):

@@ -150,12 +150,14 @@ def _rendezvous(info: LaunchInfo, timeout_s: float) -> Any:
 
 def _wait_forrank_list(store: Any, info: LaunchInfo, timeout_s: float) -> None:
     joined = [f"{KEY}joined/{r}" for r in range(info.world_size)]
-    verdict = f"{KEY}rendezvous"
+    verdict, conflict = f"{KEY}rendezvous", f"{KEY}conflict"
+    _check_launch_agrees(store, info, timeout_s, conflict)
     store.set(joined[info.rank], json.dumps({"host": info.hostname, "pid": os.getpid()}))
     if info.rank != 0:
         try:
             store.wait([verdict], timedelta(seconds=timeout_s + 5))
             answer = store.get(verdict).decode()
+            store.add(f"{KEY}verdict_read", 1)
         except Exception as e:  # noqa: BLE001
             raise LaunchError(f"rank {info.rank}: rank 0 did not confirm the rendezvous at {info.master_addr}:"
                               f"{info.master_port} within {timeout_s:g}s ({first_line(e)}); see rank 0's log"
@@ -165,6 +167,11 @@ def _wait_forrank_list(store: Any, info: LaunchInfo, timeout_s: float) -> None:
         return
     deadline = time.monotonic() + timeout_s
     while not store.check(joined):
+        if store.check([conflict]):  # a rank that disagrees with this launch said so: end every rank now
+            message = store.get(conflict).decode()
+            store.set(verdict, message)
+            _linger(store, info.world_size)
+            raise LaunchError(message)
         if time.monotonic() > deadline:
             missing = [r for r in range(info.world_size) if not store.check([joined[r]])]
             message = (f"{rank_list(missing)} of {info.world_size} did not join the rendezvous at "
@@ -177,3 +184,40 @@ def _wait_forrank_list(store: Any, info: LaunchInfo, timeout_s: float) -> None:
         time.sleep(0.05)
     store.set(verdict, "ok")
     logger.info("rendezvous: all %d ranks joined at %s:%d", info.world_size, info.master_addr, info.master_port)
+
+
+def _linger(store: Any, world_size: int, seconds: float = 2.0) -> None:
+    """Rank 0 serves the store: keep it up a moment after a failed verdict, so the ranks waiting on it read the
+    reason instead of a closed connection."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        joined = sum(store.check([f"{KEY}joined/{r}"]) for r in range(1, min(world_size, 64)))
+        if store.add(f"{KEY}verdict_read", 0) >= joined:
+            return
+        time.sleep(0.05)
+
+
+def _check_launch_agrees(store: Any, info: LaunchInfo, timeout_s: float, conflict: str) -> None:
+    """Every rank has its own RANK and rank 0's WORLD_SIZE; otherwise the rendezvous would wait for ranks that
+    never come (until the timeout) or two processes would share one rank."""
+    me = f"rank {info.rank} (host {info.hostname}, pid {os.getpid()})"
+    problem = None
+    if store.add(f"{KEY}claims/{info.rank}", 1) > 1:
+        problem = (f"{me}: another process already joined as rank {info.rank}; two processes were given "
+                   f"RANK={info.rank} (check the launcher's rank assignment, or a second job using the same "
+                   f"MASTER_ADDR:MASTER_PORT)")
+    elif info.rank == 0:
+        store.set(f"{KEY}world_size", str(info.world_size))
+    else:
+        try:
+            store.wait([f"{KEY}world_size"], timedelta(seconds=timeout_s + 5))
+        except Exception as e:  # noqa: BLE001
+            raise LaunchError(f"{me}: rank 0 did not open the rendezvous at {info.master_addr}:{info.master_port} "
+                              f"within {timeout_s:g}s ({first_line(e)}); see rank 0's log") from None
+        world0 = int(store.get(f"{KEY}world_size").decode())
+        if world0 != info.world_size:
+            problem = (f"{me}: WORLD_SIZE={info.world_size} here but rank 0 has WORLD_SIZE={world0}; every rank "
+                       f"must be launched with the same world size (check the launcher's environment)")
+    if problem is not None:
+        store.set(conflict, problem)
+        raise LaunchError(problem)

@@ -14,8 +14,12 @@ import torch
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int, max_len: int,
              device: torch.device, top_p: float = 0.0, temperature: float = 1.0, seed: int = 0,
-             eos_id: Optional[int] = None) -> list[int]:
+             eos_id: Optional[int] = None, vocab_limit: Optional[int] = None) -> list[int]:
     """New token ids after ``prompt_ids``; greedy when ``top_p`` is 0.
+
+    ``vocab_limit``: ids at or above it are never drawn. A model's vocabulary is often padded past its
+    tokenizer's (to a multiple of 64 or of the TP size); those rows are untrained, and an id there has no
+    piece to decode.
 
     The random draws use a generator seeded identically on every rank, and the logits are
     identical across ranks, so all ranks pick the same tokens and stay in lockstep."""
@@ -24,6 +28,8 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
     out: list[int] = []
     for _ in range(max_new_tokens):
         logits = model(ids[:, -max_len:])[0, -1].float().cpu()  # (V,)
+        if vocab_limit is not None and vocab_limit < logits.numel():
+            logits[vocab_limit:] = float("-inf")
         nxt = _pick(logits, top_p, temperature, gen)
         out.append(nxt)
         if eos_id is not None and nxt == eos_id:

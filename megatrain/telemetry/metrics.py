@@ -11,6 +11,8 @@ from typing import Any, Optional
 
 import torch
 
+from megatrain.telemetry.jsonl import open_for_append
+
 log = logging.getLogger(__name__)
 
 # Dense bf16 peak of the datasheet, the figure MFU is quoted against (H100 SXM and H200 alike).
@@ -77,7 +79,7 @@ class MetricsSink:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.file = open_for_append(run_dir / "metrics.jsonl")
         if wandb_project:
             self.wandb = _start_wandb(wandb_project, run_name, run_dir, config)
 
@@ -85,8 +87,13 @@ class MetricsSink:
         if not self.enabled:
             return
         rec = {"time": round(time.time(), 3), **rec}
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            try:
+                self.file.write(json.dumps(rec) + "\n")
+                self.file.flush()
+            except (OSError, ValueError) as e:  # a full disk, a closed file: metrics must never stop training
+                log.warning("writing metrics.jsonl failed (%s); continuing without it", e)
+                self.file = None
         if self.wandb is not None:
             try:
                 self.wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec.get("step"))

@@ -78,8 +78,9 @@ def _serve() -> None:  # runs in the server process
             os.dup2(fd, 2)
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
-            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # as in `python -m megatrain.train`
             os.environ.update(req["env"])
             os.chdir(req["cwd"])
             rc = megatrain.train.main(req["argv"])

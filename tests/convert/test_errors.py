@@ -199,3 +199,51 @@ def test_bad_arguments(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert convert(tmp_path / "ck", tmp_path / "file" / "out", "--to", "hf", "--no-tokenizer") == 2
     assert f"{tmp_path / 'file'} is a file, so nothing can be written under it" in _err(capsys)
+
+
+def _tree(root) -> dict:
+    import hashlib
+    import os
+
+    return {os.path.relpath(os.path.join(d, n), root): hashlib.sha256(open(os.path.join(d, n), "rb").read()).digest()
+            for d, _, names in os.walk(root) for n in names}
+
+
+def test_output_never_replaces_or_enters_the_input(tmp_path, tokenizer_path, capsys):
+    """Issue 16, class 2: --overwrite or not, an output that is, holds or sits in the input or a checkpoint is
+    refused and nothing changes."""
+    step = tmp_path / "run" / "checkpoints" / "step_00000005"
+    make_checkpoint(step, debug_config(), tokenizer=tokenizer_path)
+    (tmp_path / "run" / "config.yaml").write_text("keep: me\n")
+    assert convert(step, tmp_path / "hf", "--to", "hf", "--no-verify") == 0
+    capsys.readouterr()
+    cases = [
+        (step, step, "megatrain", "is the input"),
+        (tmp_path / "run", tmp_path / "run", "megatrain", "is the input"),
+        (step, tmp_path / "run", "hf", "contains the input"),                    # the run directory holding it
+        (tmp_path / "run", tmp_path / "run" / "checkpoints", "megatrain", "contains the checkpoints of the input"),
+        (step, step / "hf", "hf", "lies inside the checkpoint"),
+        (step, step / "model" / "m.gguf", "gguf", "lies inside the checkpoint"),
+        (tmp_path / "hf", tmp_path / "hf", "hf", "is the input"),                 # an HF directory onto itself
+    ]
+    before = _tree(tmp_path)
+    for src, out, to, needle in cases:
+        for extra in ((), ("--overwrite",)):
+            assert convert(src, out, "--to", to, "--no-verify", *extra) == 2, (src, out, extra)
+            err = _err(capsys)
+            assert needle in err, (src, out, err)
+            assert _tree(tmp_path) == before, (src, out, extra)
+
+
+def test_overwrite_replaces_only_what_the_converter_wrote(tmp_path, tokenizer_path, capsys):
+    make_checkpoint(tmp_path / "ck", debug_config(), tokenizer=tokenizer_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")  # e.g. a model downloaded by hand
+    (mine / "thesis.tex").write_text("a year of work")
+    gguf = tmp_path / "notes.gguf"
+    gguf.write_text("not a gguf file")
+    for out, to in ((mine, "hf"), (mine, "megatrain"), (gguf, "gguf")):
+        assert convert(tmp_path / "ck", out, "--to", to, "--no-verify", "--overwrite") == 2
+        assert "megatrain-convert did not write" in _err(capsys)
+    assert (mine / "thesis.tex").read_text() == "a year of work" and gguf.read_text() == "not a gguf file"

@@ -330,3 +330,35 @@ def test_missing_rank_is_named_within_timeout(clean_env):
                                           r"distributed.timeout_s=1.5s \(1 did\)"):
         R.init_distributed(DistributedConfig(timeout_s=1.5, preflight_timeout_s=2), "cpu")
     assert time.monotonic() - t0 < 8
+
+
+
+@pytest.mark.parametrize("ranks,needle", [
+    ([(0, 2), (1, 3)], "WORLD_SIZE=3 here but rank 0 has WORLD_SIZE=2"),  # larger elsewhere
+    ([(0, 3), (1, 2)], "WORLD_SIZE=2 here but rank 0 has WORLD_SIZE=3"),  # rank 0 would wait for a rank 2
+    ([(0, 3), (1, 3), (1, 3)], "two processes were given RANK=1"),
+])
+def test_ranks_that_disagree_end_at_once_not_at_the_timeout(ranks, needle):
+    """The rendezvous of each 'process' runs in a thread (the store is the real TCPStore)."""
+    import threading
+
+    port = D.free_port()
+    errors: dict = {}
+
+    def join(i, rank, world):
+        info = D.LaunchInfo(rank=rank, local_rank=0, world_size=world, local_world_size=1, master_addr="127.0.0.1",
+                            master_port=port, method="torchrun", hostname=HOST)
+        try:
+            R._rendezvous(info, 60.0)
+        except LaunchError as e:
+            errors[i] = str(e)
+
+    threads = [threading.Thread(target=join, args=(i, r, w), daemon=True) for i, (r, w) in enumerate(ranks)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+        time.sleep(0.2)  # rank 0 first: it opens the store
+    for t in threads:
+        t.join(30)
+    assert time.monotonic() - t0 < 20, "waited for distributed.timeout_s=60"
+    assert len(errors) == len(ranks) and all(needle in e for e in errors.values()), errors

@@ -34,3 +34,46 @@ def test_plot_metrics_tool(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "metrics.png").stat().st_size > 10_000
     assert "10 logged steps" in out.stdout
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_torn_last_line_is_cut_before_the_next_record(tmp_path):
+    """kill -9 inside a write leaves a line without its newline; resuming must not glue onto it."""
+    sink = MetricsSink(tmp_path, True, None, "t", {})
+    sink.write({"step": 1, "loss": 2.0})
+    sink.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"time": 1.0, "step": 2, "lo')  # torn
+    sink = MetricsSink(tmp_path, True, None, "t", {})
+    sink.write({"step": 2, "loss": 1.5})
+    sink.close()
+    assert [r["step"] for r in _records(tmp_path / "metrics.jsonl")] == [1, 2]
+    # a whole record that only lost its newline is kept
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"time": 1.0, "step": 3, "loss": 1.0}')
+    sink = MetricsSink(tmp_path, True, None, "t", {})
+    sink.write({"step": 4, "loss": 0.5})
+    sink.close()
+    assert [r["step"] for r in _records(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_plot_metrics_reads_torn_and_odd_files(tmp_path):
+    good = [{"time": 1.0, "step": s, "loss": 5.0 - s / 10, "lr": 1e-3, "tokens_per_s": 100.0} for s in range(1, 6)]
+    text = "\n".join(json.dumps(r) for r in good[:2])
+    text += '\n{"time": 1.0, "step": 3, "lo' + json.dumps(good[2])  # glued by an older writer
+    text += "\n" + "\n".join(json.dumps(r) for r in good[3:]) + '\n7\n{"step": 9}\n\xff\xfe\n'
+    (tmp_path / "metrics.jsonl").write_bytes(text.encode("utf-8", "surrogateescape"))
+    out = subprocess.run([sys.executable, "tools/plot_metrics.py", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "5 logged steps" in out.stdout and "torn record" in out.stderr
+    # the plot never replaces the metrics, or a file that is not an earlier plot
+    for bad, words in ((tmp_path / "metrics.jsonl", "PNG image"), (tmp_path / "notes.png", "not a PNG")):
+        if bad.suffix == ".png":
+            bad.write_text("mine")
+        before = bad.read_bytes()
+        out = subprocess.run([sys.executable, "tools/plot_metrics.py", str(tmp_path), "--out", str(bad)],
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and words in out.stderr and bad.read_bytes() == before

@@ -622,23 +622,6 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         validate_world(cfg, world_size)
 
 
-def _check_choices(cfg: Config) -> None:
-    """Every field that takes one of a few words."""
-    t = cfg.train
-    _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
-    _choice("train.nonfinite", t.nonfinite, ("skip", "abort"))
-    _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
-    _choice("train.fused_kernels", t.fused_kernels, ("auto", "triton", "torch"))
-    _check_fp8(t)
-    _choice("train.document_attention", t.document_attention, ("auto", "flex", "varlen", "sdpa"))
-    _choice("schedule.decay", cfg.schedule.decay, ("cosine", "linear", "constant", "wsd"))
-    _choice("deepspeed.offload", cfg.deepspeed.offload, ("none", "optimizer", "all"))
-    _choice("checkpoint.verify", cfg.checkpoint.verify, ("off", "sizes", "full"))
-    _choice("data.verify", cfg.data.verify, ("sizes", "full"))
-    _choice("distributed.backend", cfg.distributed.backend, ("auto", "nccl", "gloo"))
-    _choice("logging.level", str(cfg.logging.level).upper(), ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
-
-
 def _check_divisibility(m: ModelConfig, p: ParallelConfig) -> None:
     """Every split the TP and PP sizes make must come out whole."""
     if m.num_heads % p.tensor:
@@ -766,6 +749,7 @@ def _check_choices(cfg: Config) -> None:
     _choice("train.nonfinite", t.nonfinite, ("skip", "abort"))
     _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
     _choice("train.fused_kernels", t.fused_kernels, ("auto", "triton", "torch"))
+    _check_fp8(t)
     _choice("train.document_attention", t.document_attention, ("auto", "flex", "varlen", "sdpa"))
     _choice("schedule.decay", cfg.schedule.decay, ("cosine", "linear", "constant", "wsd"))
     _choice("deepspeed.offload", cfg.deepspeed.offload, ("none", "optimizer", "all"))

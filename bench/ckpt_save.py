@@ -1,7 +1,12 @@
 """Checkpoint size per parameter and the time a save blocks training.
 
     python bench/ckpt_save.py --model debug|demo|100m|tinyllama [--async on|off] [--saves 3]
-                              [--device cpu|cuda] [--precision fp32|bf16] [--keep DIR]
+                              [--device cpu|cuda] [--precision fp32|bf16] [--keep-last N] [--keep DIR]
+
+GPU (the GPU-runs issue; TinyLlama 1.1B, bf16, ZeRO-1, one H200)::
+
+    bash bench/device.sh python bench/ckpt_save.py --model tinyllama --device cuda --precision bf16 \
+        --saves 4 --keep-last 1
 
 Trains the model for ``--saves`` steps on a generated pattern dataset, saving after every step, then
 reports: bytes on disk per parameter (total and per top-level entry of the last checkpoint), the
@@ -46,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--zero", type=int, default=1)
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoint.keep_last (disk: up to this + 1 checkpoints)")
     p.add_argument("--keep", default="", help="keep the run directory here (default: a temporary one)")
     return p.parse_args(argv)
 
@@ -81,7 +87,7 @@ def run(o: argparse.Namespace, root: Path) -> dict:
     args = [*overrides, "data.split=100,0,0", f"train.seq_len={seq}", "train.global_batch_size=2",
             "train.micro_batch_size=2", f"train.precision={o.precision}", "logging.interval=1", "eval.steps=0",
             "eval.sample_tokens=0", f"train.max_steps={o.saves}", "checkpoint.interval=1",
-            "checkpoint.keep_last=2", f"checkpoint.async_save={'true' if o.async_ == 'on' else 'false'}",
+            f"checkpoint.keep_last={o.keep_last}", f"checkpoint.async_save={'true' if o.async_ == 'on' else 'false'}",
             f"deepspeed.zero_stage={o.zero}", f"data.path={data}", f"run.dir={root / 'run'}",
             "distributed.timeout_s=3600"]
     if o.device == "cpu":

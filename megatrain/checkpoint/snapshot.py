@@ -133,9 +133,9 @@ def _optim_tensors(params: dict, opt: Any, with_fp32: bool, pool: Optional[HostP
             t = internals.full_state_view(p, opt, key)
             if pool is not None:
                 k = f"{name}/{key or 'fp32'}"
+                # DeepSpeed's gathered copy may be a temporary; freeing it is safe without a sync: the
+                # caching allocator hands its memory only to later work on the same stream.
                 out[k] = pool.copy(f"optim/{k}", t)
-                if t.is_cuda:  # DeepSpeed's gathered copy is a temporary: finish before it is freed
-                    pool.finish()
     return out
 
 

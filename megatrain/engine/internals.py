@@ -122,11 +122,24 @@ def full_state_view(p: torch.nn.Parameter, opt: Any, key: Optional[str]) -> torc
     the live state (ZeRO-0 in fp32), so the caller copies it before the next optimizer step."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is not None and not hasattr(p, "ds_id") and _dp_size(p) == 1 \
+            and mapping.lp_fragment_address.numel == p.numel():
+        # One DP rank holds the whole fp32 tensor: its fragment is a view of it. (DeepSpeed's gather would
+        # fill a zeroed full-size buffer and all-reduce it over a group of one: two more copies.)
+        return mapping.get_hp_fragment(key).detach().view(p.shape)
     if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
         t = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
     else:
         t = p.detach() if key is None else base_optimizer(opt).state[p][key]
     return t.detach().float()
+
+
+def _dp_size(p: torch.nn.Parameter) -> int:
+    import torch.distributed as dist
+
+    group = getattr(p, "_dp_group", None)
+    return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
 _SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis", "scale_factor", "scale_window",

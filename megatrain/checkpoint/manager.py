@@ -46,6 +46,9 @@ class Checkpointer:
         self.failures = 0
         if self.sync_reason and cfg.checkpoint.async_save:
             log.info("checkpoints are written synchronously: %s", self.sync_reason)
+        if not cfg.checkpoint.portable_optimizer and st.rank == 0:
+            log.warning("checkpoint.portable_optimizer=false is ignored: the AdamW state is always stored once, "
+                        "under canonical names (optim/); it is what a resume at any topology loads")
 
     @property
     def root(self) -> Path:

@@ -252,7 +252,8 @@ class CheckpointConfig:
     keep_every: int = _f(0, "additionally keep every checkpoint whose step is a multiple of this (0 = off)", STEPS)
     verify: str = _f("sizes", "check the manifest at load: off | sizes | full (SHA-256 of every file)")
     save_at_end: bool = _f(True, "save when training finishes")
-    portable_optimizer: bool = _f(True, "also save the AdamW state under canonical names (optim/): exact resume at another TP/PP/DP size or ZeRO stage; about as large as DeepSpeed's optimizer files")
+    portable_optimizer: bool = _f(True, "kept so that older configs load; ignored: the AdamW state is always stored once, under canonical names (optim/), and resumes at any TP/PP/DP size or ZeRO stage")
+    async_save: bool = _f(True, "write checkpoints in a background thread: training waits only for a copy of the state in host memory (pinned on GPU); off under deepspeed.offload (see docs/checkpoints.md)")
 
 
 @dataclass

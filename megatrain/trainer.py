@@ -49,7 +49,7 @@ class Trainer:
         if cfg.logging.pipeline_timing and built.is_pipeline:
             self.pipe_timer = PipelineTimer(self.engine, device, st.pp_group, st.pp_size, built.plan.grad_accum)
         self.checkpointer = Checkpointer(cfg, st, self.engine, run_dir, rng_tracker=built.ctx.rng, guard=self.guard,
-                                         fingerprints=self.fingerprints)
+                                         fingerprints=self.fingerprints, on_saved=self._saved)
 
     # ------------------------------------------------------------------ data
 
@@ -123,6 +123,7 @@ class Trainer:
                 self.step, self.consumed_samples = progress.step, progress.consumed_samples
                 return self._loop(wd, signals)
         finally:
+            self.checkpointer.close()  # the write in flight ends before exit (end, stop signal, Ctrl-C, error)
             self.guard.remove()
             self.metrics.close()
             if self._batches is not None:  # stop the prefetch thread before the interpreter shuts down
@@ -147,6 +148,7 @@ class Trainer:
             with wd.phase(f"train step {self.step + 1}", factor=3 if self.step == steps_at_start else 1):
                 self.train_step()
             self.guard.slowest_step_s = max(self.guard.slowest_step_s, time.time() - began)
+            self.checkpointer.poll()
             out = self.guard.last
             self.step += 1
             self.consumed_samples += self.built.plan.global_batch
@@ -176,6 +178,7 @@ class Trainer:
         # The checkpoint first: evaluation and samples are optional and must never cost it.
         if cfg.checkpoint.save_at_end and self.step > steps_at_start:
             self._save(wd)
+            self.checkpointer.finish()  # a final checkpoint that failed in the background fails the run
         with wd.phase("final evaluation", factor=3):
             self._optional("final evaluation", self.evaluate)
             self._optional("final text samples", self.sample)
@@ -211,10 +214,15 @@ class Trainer:
                       type(e).__name__, e)
 
     def _save(self, wd: res.Watchdog) -> None:
-        began = time.time()
         with wd.phase(f"checkpoint save at step {self.step}", factor=6):  # large checkpoints take long
             self.checkpointer.save(Progress(self.step, self.consumed_samples))
-        self.guard.slowest_save_s = max(self.guard.slowest_save_s, time.time() - began)
+
+    def _saved(self, rec: dict) -> None:
+        """A save ended (rank 0 logged it): its times go to metrics.jsonl; the stop-in-time estimate
+        uses the whole write (a stop's save must end before the job is killed)."""
+        self.guard.slowest_save_s = max(self.guard.slowest_save_s, rec.get("save_total_s") or 0.0)
+        self.metrics.write(rec)
+        self.history.append(rec)
 
     def _log_step(self, loss: float, tok_s: float, elapsed: float, eta: float) -> None:
         tflops = self.flops_per_token * tok_s / 1e12 / self.st.world_size

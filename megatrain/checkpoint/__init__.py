@@ -1,4 +1,5 @@
-"""Checkpoints: the on-disk layout (``layout``), writing one (``save``), choosing and verifying one
+"""Checkpoints: the on-disk layout (``layout``), writing one (``save``: a ``snapshot`` in host memory,
+then the files, in the background by ``writer`` where it is safe), choosing and verifying one
 (``select``: one rule for training and conversion), loading one (``resume``, ``optim_state``,
 ``rng``), and whether a run may continue from it (``compat``). :class:`Checkpointer` ties them to
 the parts of a run."""

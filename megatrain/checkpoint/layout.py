@@ -8,7 +8,7 @@ checkpoint can be inspected, verified and converted without unpickling anything:
       step_00000100/
         meta.json                    step, samples, resolved config, fingerprints, topology, ...
         model/tp00_pp00.safetensors  one per (tp_rank, pp_rank): canonical names, this rank's TP shard
-        ds/ ...  rng/ ...            DeepSpeed engine state and RNG states (not read here)
+        optim/ ...  rng/ ...         AdamW state (optim_state.py) and RNG states (not read here)
         manifest.json                {"files": {relpath: {"size", "sha256"}}} of every other file
         COMPLETE                     written last: a directory without it is never loaded
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 FORMAT = "megatrain-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: no ds/ (each tensor once); 1 (still read): ds/ next to model/ and optim/
 META = "meta.json"
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"

@@ -16,8 +16,6 @@ import torch
 
 from megatrain.checkpoint import layout
 from megatrain.checkpoint.layout import CheckpointError
-from megatrain.engine import internals
-from megatrain.files import atomic_path
 
 OPTIM_DIR = "optim"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -25,24 +23,6 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 def optim_path(ckpt_dir: Path, tp_rank: int, pp_rank: int) -> Path:
     return ckpt_dir / OPTIM_DIR / f"tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors"
-
-
-def gather_state(params: dict[str, torch.nn.Parameter], opt: Any, with_fp32: bool) -> dict[str, torch.Tensor]:
-    """``{NAME/key: full tensor}`` of this TP/PP shard; collective over DP (same order on every rank)."""
-    internals.relink_lazy_state(opt, now=True)
-    keys = list(ADAM_KEYS) + ([None] if with_fp32 else [])
-    out = {}
-    for name, p in params.items():
-        for key in keys:
-            out[f"{name}/{key or 'fp32'}"] = internals.full_state(p, opt, key)
-    return out
-
-
-def write_state(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path, fsync=False) as tmp:  # the save's hashing pass fsyncs every file
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def read_state(path: Path, meta: dict, names: list[str], tp_rank: int, tp: int,

@@ -1,5 +1,6 @@
-"""Loading a chosen checkpoint into the engine: DeepSpeed's own files at the same layout, the portable
-files (weights + AdamW state re-cut) at any other, or weights only."""
+"""Loading a chosen checkpoint into the engine: the canonical files (weights + AdamW state, re-cut for
+this run's TP/PP/DP and ZeRO stage; bitwise at the same topology), or weights only. Checkpoints of
+layout version 1 also hold DeepSpeed's own files (``ds/``): at their own topology those are loaded."""
 
 from __future__ import annotations
 
@@ -54,13 +55,14 @@ def resume(ck: RunParts) -> Progress:
     if meta.get("weights_only"):
         load_weights_only(ck, path, meta)
         how = "weights only (optimizer state starts fresh)"
-    elif compat.same_topology(meta.get("topology") or {}, here, meta):
-        load_native(ck, path)
+    elif (path / "ds").is_dir() and compat.same_topology(meta.get("topology") or {}, here, meta):
+        load_native(ck, path)  # a version-1 checkpoint at its own topology
         how = "DeepSpeed state, same topology"
     elif meta.get("portable_optimizer") and (meta.get("optimizer_step", 0) == 0
                                              or (path / optim_state.OPTIM_DIR).is_dir()):
         load_portable(ck, path, meta)
-        how = f"resharded from {compat.describe(meta['topology'])} to {compat.describe(here)}"
+        how = "canonical state, same topology" if compat.same_topology(meta.get("topology") or {}, here, meta) \
+            else f"resharded from {compat.describe(meta['topology'])} to {compat.describe(here)}"
     else:
         if "topology" not in ck.cfg.train.resume_allow_changes:
             raise ConfigError(f"checkpoint {path} was saved at {compat.describe(meta['topology'])} without portable "
@@ -116,6 +118,7 @@ def load_portable(ck: RunParts, path: Path, meta: dict) -> None:
         for key in optim_state.ADAM_KEYS if step else ():
             internals.set_full_state(p, opt, key, state[f"{name}/{key}"])
     _set_progress(ck, int(meta["step"]), int(meta["consumed_samples"]), meta)
+    internals.set_loss_scaler_state(opt, meta.get("loss_scaler"))
     topo = meta.get("topology") or {}
     rng_file = _rank_rng_file(ck, path)
     if (topo.get("tp"), topo.get("pp"), topo.get("dp"), topo.get("cp", 1)) == \

@@ -1,40 +1,42 @@
-"""Writing one checkpoint, atomically, from every rank.
+"""Writing one checkpoint, atomically, from every rank; in the background where it is safe.
 
-Every rank writes its part into ``.tmp-step_N``: DeepSpeed's own files (``ds/``), its canonical
-model shard and portable optimizer state (DP rank 0 of each TP/PP shard), its RNG state. After a
-barrier the files are hashed (spread over the ranks) and fsynced; rank 0 then writes ``meta.json``,
-the manifest and ``COMPLETE``, renames the directory to ``step_N``, fsyncs the parent, moves
-``latest`` and prunes. A crash at any point leaves the previous checkpoints untouched and no
-loadable partial one.
+Every rank: a barrier (rank 0 has made ``.tmp-step_N``), then a snapshot of its state in host memory
+(``snapshot.py``: the only part that stops training), then its files: ``model/`` and ``optim/`` (DP
+rank 0 of each TP/PP shard), its ``rng/`` file, each hashed as it is written and fsynced, and a
+``done/rankNNNNN.json`` record of their manifest entries (``writer.py``). Rank 0 waits for every
+record, writes ``meta.json``, the manifest and ``COMPLETE``, renames the directory to ``step_N``,
+fsyncs the parent, moves ``latest`` and prunes. With ``checkpoint.async_save`` the writing runs in a
+background thread and uses no collective; without it the same steps run inline, with barriers. A
+crash at any point leaves the previous checkpoints untouched and no loadable partial one.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
-import time
 import shutil
 import signal
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Optional
 
-import torch
 import torch.distributed as dist
 
-from megatrain.checkpoint import layout, optim_state
-from megatrain.checkpoint.compat import schedule_fingerprint, topology_of
+from megatrain.checkpoint import layout
 from megatrain.checkpoint.parts import Progress, RunParts
-from megatrain.checkpoint.rng import rng_state
-from megatrain.engine import internals
-from megatrain.files import atomic_path, atomic_write_json, file_entry, fsync_dir, replace_dir
-from megatrain.model.names import canonical_named_parameters
+from megatrain.checkpoint.snapshot import HostPool, Snapshot, take_snapshot
+from megatrain.checkpoint.writer import DONE_DIR, BackgroundWriter, SaveError, collect_done, write_done, \
+    write_rank_files
+from megatrain.files import atomic_write_json, file_entry, fsync_dir, replace_dir
 
 log = logging.getLogger(__name__)
 
 CRASH_ENV = "MEGATRAIN_TEST_CRASH_AT"  # tests: "PHASE" or "PHASE@STEP" kills the process (SIGKILL) inside save()
-SAVE_PHASES = ("start", "ds", "model", "optim", "rng", "hashed", "meta", "manifest", "complete", "renamed",
-               "latest", "pruned")
+SAVE_PHASES = ("start", "snapshot", "model", "optim", "rng", "hashed", "done", "meta", "manifest", "complete",
+               "renamed", "latest", "pruned")
 
 
 def _crash_point(phase: str, step: int) -> None:
@@ -51,13 +53,15 @@ def _crash_point(phase: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class SaveError(RuntimeError):
-    """A save that could not be written (disk full, permissions, I/O error); nothing of it was installed."""
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
-def _agree(error: str | None, ck: RunParts, tmp: Path, step: int) -> None:
-    """Every rank learns whether any rank failed to write; then all raise the same SaveError, after rank 0 removed
-    the temporary directory. Replaces a barrier (so a rank whose write failed does not leave the others waiting)."""
+def _agree(error: Optional[str], ck: RunParts, tmp: Path, step: int) -> None:
+    """Every rank learns whether any rank failed to write; then all raise the same SaveError, after rank 0
+    removed the temporary directory. Replaces a barrier (so a rank whose write failed does not leave the
+    others waiting)."""
     errors = [error]
     if dist.is_initialized() and dist.get_world_size() > 1:
         errors = [None] * dist.get_world_size()
@@ -77,86 +81,6 @@ def _agree(error: str | None, ck: RunParts, tmp: Path, step: int) -> None:
 
 def _describe(e: OSError) -> str:
     return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-
-
-def local_model_tensors(ck: RunParts) -> dict[str, torch.Tensor]:
-    """This rank's canonical-named parameter shards on CPU (gathered across DP first under ZeRO-3)."""
-    params = canonical_named_parameters(ck.engine.module, ck.cfg.model)
-    if ck.cfg.deepspeed.zero_stage == 3:
-        import deepspeed
-
-        out = {}
-        for name, p in params.items():  # one at a time: gathering everything at once needs the whole model
-            with deepspeed.zero.GatheredParameters([p]):
-                out[name] = p.detach().cpu().clone()
-        return out
-    return {n: p.detach().cpu().clone() for n, p in params.items()}
-
-
-def build_meta(ck: RunParts, progress: Progress, optimizer_step: int, portable: bool) -> dict[str, Any]:
-    import megatrain
-
-    cfg = ck.cfg
-    return {
-        "format": layout.FORMAT, "version": layout.VERSION, "step": progress.step,
-        "consumed_samples": progress.consumed_samples, "weights_only": False, "config": cfg.to_dict(),
-        "config_hash": cfg.hash(), "model_hash": cfg.model_hash(),
-        "data_fingerprint": ck.fingerprints.get("data"), "tokenizer_sha256": ck.fingerprints.get("tokenizer"),
-        "tokenizer_path": cfg.data.tokenizer, "stream": {"seq_len": cfg.train.seq_len, "seed": cfg.train.seed},
-        "schedule": schedule_fingerprint(cfg), "topology": topology_of(cfg, ck.st), "dtype": cfg.train.precision,
-        "optimizer_step": optimizer_step, "portable_optimizer": portable,
-        "resilience": ck.guard.state_dict() if ck.guard is not None else None,
-        "megatrain_version": megatrain.__version__,
-    }
-
-
-def save(ck: RunParts, progress: Progress) -> Path:
-    """Every rank calls this at the same step. Returns the final checkpoint directory."""
-    root, step, st = ck.root, progress.step, ck.st
-    tag = layout.tag_for_step(step)
-    final, tmp = root / tag, root / f".tmp-{tag}"
-    error = None
-    if st.rank == 0:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            _remove_leftovers(root)
-            set_aside_newer(ck)
-            (tmp / "rng").mkdir(parents=True)
-        except OSError as e:
-            error = _describe(e)
-    _agree(error, ck, tmp, step)
-    try:
-        _crash_point("start", step)
-        optimizer_step, portable = _write_rank_files(ck, tmp, step)
-    except OSError as e:  # a full disk, permissions: every rank hears of it at _agree and raises SaveError
-        error, optimizer_step, portable = _describe(e), 0, False
-    _agree(error, ck, tmp, step)
-    entries = _hash_distributed(tmp, st.rank, st.world_size)
-    _crash_point("hashed", step)
-    if st.rank == 0:
-        try:
-            _finish(ck, progress, tmp, final, entries, optimizer_step, portable)
-        except OSError as e:
-            error = _describe(e)
-    _agree(error, ck, tmp, step)
-    return final
-
-
-def _write_rank_files(ck: RunParts, tmp: Path, step: int) -> tuple[int, bool]:
-    """This rank's part: DeepSpeed's files, its model shard, portable optimizer state, RNG state."""
-    st = ck.st
-    ck.engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
-    _crash_point("ds", step)
-    tensors = local_model_tensors(ck)
-    if st.dp_rank == 0 and st.cp_rank == 0:  # one writer per TP/PP shard (context ranks hold the same weights)
-        layout.write_model_shard(tmp, st.tp_rank, st.pp_rank, tensors, st.tp_size, st.pp_size)
-    _crash_point("model", step)
-    optimizer_step, portable = save_portable_optimizer(ck, tmp)
-    _crash_point("optim", step)
-    with atomic_path(tmp / "rng" / f"rank{st.rank:05d}.pt", fsync=False) as f:
-        torch.save(rng_state(ck.rng_tracker), f)
-    _crash_point("rng", step)
-    return optimizer_step, portable
 
 
 def set_aside_newer(ck: RunParts) -> list[Path]:
@@ -181,27 +105,99 @@ def set_aside_newer(ck: RunParts) -> list[Path]:
     return moved
 
 
-def save_portable_optimizer(ck: RunParts, tmp: Path) -> tuple[int, bool]:
-    """Write ``optim/tpXX_ppYY.safetensors`` (DP rank 0) when ``checkpoint.portable_optimizer``.
-    Returns (AdamW step count, whether the run keeps portable state)."""
-    opt, portable = ck.engine.optimizer, ck.cfg.checkpoint.portable_optimizer
-    step = internals.optimizer_step_count(opt)
-    if not portable or step == 0:
-        return step, portable
-    params = canonical_named_parameters(ck.engine.module, ck.cfg.model)
-    tensors = optim_state.gather_state(params, opt, with_fp32=ck.cfg.train.precision != "fp32")
-    st = ck.st
-    if st.dp_rank == 0 and st.cp_rank == 0:
-        optim_state.write_state(optim_state.optim_path(tmp, st.tp_rank, st.pp_rank), tensors,
-                                {"step": str(step), "tp": str(st.tp_size), "pp": str(st.pp_size)})
-    return step, True
+@dataclass
+class SaveResult:
+    """One save as the training loop sees it: seconds it was blocked, seconds until this rank's part
+    (rank 0: the whole checkpoint) was on disk, and what it removed or why it failed."""
+
+    step: int
+    path: Path
+    blocked_s: float = 0.0
+    wait_s: float = 0.0  # of blocked_s: waiting for the previous save's write
+    total_s: Optional[float] = None
+    snapshot_bytes: int = 0
+    removed: list = field(default_factory=list)
+    background: bool = False
 
 
-def _finish(ck: RunParts, progress: Progress, tmp: Path, final: Path, entries: dict, optimizer_step: int,
-            portable: bool) -> None:
+def save(ck: RunParts, progress: Progress, background: Optional[BackgroundWriter] = None,
+         pool: Optional[HostPool] = None, wait_s: float = 0.0) -> SaveResult:
+    """Every rank calls this at the same step. With ``background`` the files are written by its thread
+    and this returns after the snapshot; the result's ``total_s`` is filled in when the write ends."""
+    began = time.perf_counter() - wait_s
+    root, step, st = ck.root, progress.step, ck.st
+    tag = layout.tag_for_step(step)
+    final, tmp = root / tag, root / f".tmp-{tag}"
+    error = None
+    if st.rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(root)
+            set_aside_newer(ck)
+            (tmp / "rng").mkdir(parents=True)
+        except OSError as e:
+            error = _describe(e)
+    _agree(error, ck, tmp, step)  # the barrier before anyone writes into tmp
+    _crash_point("start", step)
+    snap = take_snapshot(ck, progress, pool or HostPool(keep=False))
+    _crash_point("snapshot", step)
+    res = SaveResult(step, final, wait_s=wait_s, snapshot_bytes=snap.num_bytes, background=background is not None)
+    if background is not None:
+        background.submit(functools.partial(_write_in_background, ck, snap, tmp, res, began), f"save-{tag}")
+        res.blocked_s = time.perf_counter() - began
+        return res
+    try:
+        entries = write_rank_files(tmp, snap, lambda phase: _crash_point(phase, step))
+        write_done(tmp, st.rank, entries)
+        _crash_point("done", step)
+    except OSError as e:  # a full disk, permissions: every rank hears of it at _agree and raises SaveError
+        error = _describe(e)
+    _agree(error, ck, tmp, step)
+    if st.rank == 0:
+        try:
+            res.removed = _publish(ck, snap, tmp, final, 0.0)
+        except OSError as e:
+            error = _describe(e)
+    _agree(error, ck, tmp, step)
+    res.blocked_s = res.total_s = time.perf_counter() - began
+    return res
+
+
+def _write_in_background(ck: RunParts, snap: Snapshot, tmp: Path, res: SaveResult, began: float) -> SaveResult:
+    """The writer thread's job on every rank: files, 'done' record; on rank 0 then the publication.
+    No collectives: the main thread may be in one of its own."""
+    rank, step = ck.st.rank, snap.step
+    try:
+        entries = write_rank_files(tmp, snap, lambda phase: _crash_point(phase, step))
+    except BaseException as e:
+        try:  # tell rank 0, so that it gives up on this checkpoint instead of waiting
+            write_done(tmp, rank, error=f"{type(e).__name__}: {e}")
+        except OSError:
+            pass
+        raise SaveError(f"checkpoint {res.path.name}: rank {rank} could not write its files ({type(e).__name__}: "
+                        f"{e}); the previous complete checkpoint stays the newest") from e
+    write_done(tmp, rank, entries)
+    _crash_point("done", step)
+    if rank == 0:
+        res.removed = _publish(ck, snap, tmp, res.path, 6 * ck.cfg.distributed.timeout_s)
+    res.total_s = time.perf_counter() - began
+    return res
+
+
+def _publish(ck: RunParts, snap: Snapshot, tmp: Path, final: Path, timeout_s: float) -> list[Path]:
+    """Rank 0, once every rank's record is there: meta, manifest, COMPLETE, rename, latest, prune."""
+    try:
+        entries = collect_done(tmp, ck.st.world_size, timeout_s)
+    except SaveError as e:
+        raise SaveError(f"checkpoint {final.name} not published: {e}; the previous complete checkpoint stays the "
+                        f"newest") from None
+    shutil.rmtree(tmp / DONE_DIR)  # bookkeeping of this save, not part of the checkpoint
+    return _finish(ck, snap.meta, tmp, final, entries, snap.step)
+
+
+def _finish(ck: RunParts, meta: dict, tmp: Path, final: Path, entries: dict, step: int) -> list[Path]:
     """Rank 0, once every rank's files are on disk: meta, manifest, COMPLETE, rename, latest, prune."""
-    step = progress.step
-    layout.write_meta(tmp, build_meta(ck, progress, optimizer_step, portable))
+    layout.write_meta(tmp, meta)
     entries[layout.META] = file_entry(tmp / layout.META, fsync=True)
     _crash_point("meta", step)
     atomic_write_json(tmp / layout.MANIFEST, {"files": dict(sorted(entries.items()))})
@@ -216,8 +212,7 @@ def _finish(ck: RunParts, progress: Progress, tmp: Path, final: Path, entries: d
     _crash_point("latest", step)
     removed = prune(ck.root, ck.cfg.checkpoint.keep_last, ck.cfg.checkpoint.keep_every)
     _crash_point("pruned", step)
-    log.info("saved checkpoint %s (step %d%s)", final, step,
-             f"; removed {', '.join(p.name for p in removed)}" if removed else "")
+    return removed
 
 
 def _remove_leftovers(root: Path) -> None:
@@ -226,24 +221,6 @@ def _remove_leftovers(root: Path) -> None:
         if p.is_dir() and (p.name.startswith(".tmp-step_") or ".old-" in p.name or ".tmp-" in p.name):
             log.warning("removing %s, left by an interrupted save", p)
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _hash_distributed(tmp: Path, rank: int, world: int) -> dict[str, dict]:
-    """Manifest entries of every file under ``tmp`` (each fsynced on the way: the rename that publishes
-    it must not overtake its data on a crash); rank r hashes every world-th file from the r-th, so a
-    large checkpoint is read in parallel. Returns the merged table on rank 0 ({} elsewhere)."""
-    rels = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-    if world == 1:
-        return {r: file_entry(tmp / r, fsync=True) for r in rels}
-    # Every rank's listing: on a network file system a rank's directory cache may not show another
-    # node's files yet (opening them by name does), and each writer surely sees its own.
-    listings: list = [None] * world
-    dist.all_gather_object(listings, rels)
-    rels = sorted(set().union(*listings))
-    mine = {r: file_entry(tmp / r, fsync=True) for r in rels[rank::world]}
-    gathered: list = [None] * world if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
-    return {k: v for part in gathered for k, v in part.items()} if rank == 0 else {}
 
 
 def prune(root: Path, keep_last: int, keep_every: int) -> list[Path]:

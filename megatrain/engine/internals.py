@@ -117,6 +117,67 @@ def full_state(p: torch.nn.Parameter, opt: Any, key: Optional[str]) -> torch.Ten
     return t.detach().float().cpu().clone()
 
 
+def full_state_view(p: torch.nn.Parameter, opt: Any, key: Optional[str]) -> torch.Tensor:
+    """As :func:`full_state`, but on the tensor's own device and without the copy: the result may alias
+    the live state (ZeRO-0 in fp32), so the caller copies it before the next optimizer step."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is not None and not hasattr(p, "ds_id") and _dp_size(p) == 1 \
+            and mapping.lp_fragment_address.numel == p.numel():
+        # One DP rank holds the whole fp32 tensor: its fragment is a view of it. (DeepSpeed's gather would
+        # fill a zeroed full-size buffer and all-reduce it over a group of one: two more copies.)
+        return mapping.get_hp_fragment(key).detach().view(p.shape)
+    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+        t = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+    else:
+        t = p.detach() if key is None else base_optimizer(opt).state[p][key]
+    return t.detach().float()
+
+
+def _dp_size(p: torch.nn.Parameter) -> int:
+    import torch.distributed as dist
+
+    group = getattr(p, "_dp_group", None)
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis", "scale_factor", "scale_window",
+                  "min_scale", "delayed_shift", "consecutive_hysteresis")
+
+
+def _loss_scalers(opt: Any) -> list:
+    return [o.loss_scaler for o in optimizer_chain(opt) if getattr(o, "loss_scaler", None) is not None]
+
+
+def loss_scaler_state(opt: Any) -> Optional[dict]:
+    """fp16's loss scaler (``loss_scaler`` of DeepSpeed's fp16 / ZeRO optimizers) as plain numbers, or None
+    when there is none (fp32, bf16). A checkpoint keeps it so a resume continues with the same scale."""
+    for s in _loss_scalers(opt):
+        out = {}
+        for k in _SCALER_FIELDS:
+            v = getattr(s, k, None)
+            if torch.is_tensor(v):
+                v = v.item()
+            if isinstance(v, (bool, int, float)):
+                out[k] = v
+        return out or None
+    return None
+
+
+def set_loss_scaler_state(opt: Any, state: Optional[dict]) -> None:
+    """Restore what :func:`loss_scaler_state` recorded (tensor-valued fields keep their device)."""
+    if not state:
+        return
+    for s in _loss_scalers(opt):
+        for k, v in state.items():
+            old = getattr(s, k, None)
+            if torch.is_tensor(old):
+                old.fill_(v)
+            elif k in _SCALER_FIELDS and hasattr(s, k):
+                setattr(s, k, v)
+
+
 def set_full_state(p: torch.nn.Parameter, opt: Any, key: Optional[str], value: torch.Tensor) -> None:
     """Write this TP/PP shard's full fp32 master (key None) or Adam state into DeepSpeed's partitions."""
     if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of the flat fp32 buffer (last one may be padded)

@@ -87,7 +87,7 @@ def test_missing_shard(root):
 
 
 def test_file_not_in_manifest_is_refused(root):
-    (root / TAGS[-1] / "ds" / "state" / "extra.pt").write_bytes(b"x")
+    (root / TAGS[-1] / "rng" / "extra.pt").write_bytes(b"x")
     with pytest.raises(layout.CheckpointError, match="extra.pt: not listed in manifest.json"):
         _select(str(root / TAGS[-1]), root)
 
@@ -166,6 +166,7 @@ class _Payload:
 
 def _evil_file(path: Path, marker: Path) -> None:
     _Payload.marker = str(marker)
+    path.parent.mkdir(parents=True, exist_ok=True)  # ds/: DeepSpeed's files, found in version-1 checkpoints
     torch.save({"state": _Payload()}, path)
 
 

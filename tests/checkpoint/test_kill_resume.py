@@ -89,7 +89,7 @@ def test_rerun_of_a_finished_run_trains_nothing_and_keeps_its_checkpoint(zygote,
 
 # A crash at each of these points of a save: before the checkpoint is published (the previous one must be
 # loaded) or after (this one).
-CRASHES = [("ds", False), ("optim", False), ("hashed", False), ("manifest", False), ("complete", False),
+CRASHES = [("snapshot", False), ("optim", False), ("hashed", False), ("manifest", False), ("complete", False),
            ("renamed", True), ("latest", True)]
 
 

@@ -106,7 +106,9 @@ def test_ctrl_c_saves_and_exits_75_a_second_one_stops_at_once(zygote, pattern_da
 
 def test_disk_full_during_a_save(zygote, pattern_dataset, tmp_path):
     run, log = tmp_path / "run", tmp_path / "log"
-    args = run_args(pattern_dataset, run, "checkpoint.interval=2", steps=6)
+    # the synchronous path: every rank agrees on the failure and stops (a background write reports it and
+    # training goes on: tests/checkpoint/test_async_save.py)
+    args = run_args(pattern_dataset, run, "checkpoint.interval=2", "checkpoint.async_save=false", steps=6)
     assert run_to_end(zygote, args, log, env_extra={CRASH_ENV: "enospc:model@4"}) == [1]
     text = log.read_text()
     assert "job failed: checkpoint save at step 4 failed on 1 rank(s) (rank 0: No space left on device" in text

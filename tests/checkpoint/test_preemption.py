@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,9 @@ def test_kill9_of_both_ranks_then_auto_resume(zygote, pattern_dataset, tmp_path,
     run, log = tmp_path / "run", tmp_path / "log"
     pids = start_ranks(zygote, _args(pattern_dataset, run), log, world=2)
     wait_for_step(run, 4, 0, zygote, pids)
+    deadline = time.monotonic() + 60  # step 3's save is written in the background: until it is published
+    while not layout.list_checkpoints(run / "checkpoints") and time.monotonic() < deadline:
+        time.sleep(0.01)
     for p in pids:
         os.kill(p, signal.SIGKILL)
     assert [zygote.wait(p, 60) for p in pids] == [-signal.SIGKILL] * 2

@@ -352,11 +352,11 @@ def save_portable_optimizer(tr: "Trainer", tmp: Path) -> tuple[int, bool]:
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-    from safetensors.torch import save_file
+    from megatrain.file_modes import save_safetensors
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)
 
 

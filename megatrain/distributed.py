@@ -456,7 +456,6 @@ def init_distributed(dist_cfg: Any, device_type: str) -> LaunchInfo:
     backend = _pick_backend(dist_cfg.backend, device_type)
     device_index = _pick_device(info, device_type)
     _STATE["hostname"] = info.hostname
-    logger.info("launch: %s; backend %s", info.describe(), backend)
     if dist.is_initialized():
         if (dist.get_rank(), dist.get_world_size()) != (info.rank, info.world_size):
             raise LaunchError(f"torch.distributed is already initialised as rank {dist.get_rank()} of "
@@ -472,6 +471,8 @@ def init_distributed(dist_cfg: Any, device_type: str) -> LaunchInfo:
             extra["device_id"] = torch.device("cuda", device_index)  # eager NCCL init: errors surface here
         dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size,
                                 timeout=timedelta(seconds=float(dist_cfg.timeout_s)), **extra)
+    # after the rendezvous: a single process's port is the one the kernel chose, not "<free port>"
+    logger.info("launch: %s; backend %s", info.describe(), backend)
     preflight(float(dist_cfg.preflight_timeout_s))
     return info
 

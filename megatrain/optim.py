@@ -25,12 +25,16 @@ def build_optimizer(model: nn.Module, opt: OptimizerConfig, offload: str) -> tor
     groups = param_groups(model, opt.weight_decay)
     kw = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
     if torch.cuda.is_available():
+        from megatrain.telemetry.ds_output import announce_op_build
+
         if offload != "none":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+            announce_op_build("cpu_adam", "Adam on the CPU for offloaded optimizer states")
             return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
         from deepspeed.ops.adam import FusedAdam
 
+        announce_op_build("fused_adam", "FusedAdam GPU kernels")
         return FusedAdam(groups, adam_w_mode=True, **kw)
     return torch.optim.AdamW(groups, **kw)
 

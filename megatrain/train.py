@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from megatrain.telemetry.console import pipe_safe
+
 log = logging.getLogger("megatrain.train")
 
 DEMO_DEFAULTS = [
@@ -68,6 +70,7 @@ def resolve_config(args: argparse.Namespace):
     return load_config(args.config, (DEMO_DEFAULTS if demo else []) + args.overrides)
 
 
+@pipe_safe
 def main(argv: Optional[list[str]] = None) -> int:
     from megatrain.telemetry.logs import setup_logging
 
@@ -109,7 +112,10 @@ def run(cfg) -> int:
     from megatrain.distributed import init_distributed
     from megatrain.parallel.state import ParallelState
 
+    from megatrain.telemetry.ds_output import use_cpu_accelerator
+
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    use_cpu_accelerator(device_type)  # before deepspeed is first imported
     if cfg.train.precision == "auto":
         cfg.train.precision = "bf16" if device_type == "cuda" else "fp32"
     if cfg.train.precision == "fp16" and device_type == "cpu":

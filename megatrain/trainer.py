@@ -57,7 +57,11 @@ class Trainer:
         return build_micro_batches(self.datasets["train"], micro_batch_size=self.built.plan.micro_batch,
                                    global_batch_size=self.built.plan.global_batch, dp_rank=self.st.dp_rank,
                                    dp_size=self.st.dp_size, consumed_samples=self.consumed_samples,
-                                   num_workers=self.cfg.data.num_workers)
+                                   num_workers=self.cfg.data.num_workers, num_micro_batches=self._micro_batches_left())
+
+    def _micro_batches_left(self) -> int:
+        """What the rest of the run reads on this rank: the prefetch stops there, inside the built split."""
+        return max(0, self.cfg.train.max_steps - self.step) * self.built.plan.grad_accum
 
     def _eval_batches(self) -> Optional[Iterator]:
         from megatrain.data.loader import build_micro_batches
@@ -68,7 +72,7 @@ class Trainer:
         mb, dp = self.built.plan.micro_batch, self.st.dp_size
         # The same leading samples of the valid split at every evaluation, so evals are comparable.
         return build_micro_batches(ds, micro_batch_size=mb, global_batch_size=mb * dp, dp_rank=self.st.dp_rank,
-                                   dp_size=dp, consumed_samples=0)
+                                   dp_size=dp, consumed_samples=0, num_micro_batches=self.cfg.eval.steps)
 
     # ------------------------------------------------------------------ steps
 

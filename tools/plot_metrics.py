@@ -12,6 +12,10 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatrain.telemetry.console import pipe_safe  # noqa: E402
+
 
 def load_records(path: Path) -> list[dict]:
     records = []
@@ -53,6 +57,7 @@ def plot(records: list[dict], out: Path) -> None:
     os.replace(tmp, out)
 
 
+@pipe_safe
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path)

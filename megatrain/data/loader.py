@@ -11,6 +11,7 @@ so a run resumed with another DP size at ``consumed_samples`` continues exactly 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -218,8 +219,12 @@ class _Wrapped:
         return self.n
 
 
+_END = object()  # put by the prefetch thread after the last micro-batch of a bounded sampler
+
+
 def _produce(indices: Iterator[range], dataset, out: queue.Queue, stop: threading.Event, pin: bool) -> None:
-    """Prefetch thread: assemble micro-batches ahead of the consumer until ``stop`` is set."""
+    """Prefetch thread: assemble micro-batches ahead of the consumer until ``stop`` is set or the
+    indices run out (then ``_END``)."""
     try:
         for ids in indices:
             tokens, labels = _collate([dataset[i] for i in ids])
@@ -233,6 +238,7 @@ def _produce(indices: Iterator[range], dataset, out: queue.Queue, stop: threadin
                     continue
             if stop.is_set():
                 return
+        out.put(_END)
     except BaseException as e:  # handed to the consumer, raised there
         out.put(e)
 
@@ -248,11 +254,14 @@ class MicroBatchSampler:
 
     Batches are assembled ahead of time: by a background thread (``num_workers=0``) or by a torch
     DataLoader with worker processes. Memory is pinned when CUDA is available.
+
+    ``num_micro_batches`` bounds the stream (then StopIteration): the prefetch then never reads
+    samples the caller will not use, so a split built for exactly that many is never read past.
     """
 
     def __init__(self, dataset, *, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int,
                  consumed_samples: int = 0, prefetch: int = 4, num_workers: int = 0,
-                 pin_memory: Optional[bool] = None):
+                 pin_memory: Optional[bool] = None, num_micro_batches: Optional[int] = None):
         check_batch_arguments(micro_batch_size, global_batch_size, dp_rank, dp_size, consumed_samples)
         import torch
 
@@ -263,6 +272,8 @@ class MicroBatchSampler:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._indices = micro_batch_indices(micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
                                             dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples)
+        if num_micro_batches is not None:
+            self._indices = itertools.islice(self._indices, max(0, num_micro_batches))
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         if num_workers > 0:
@@ -301,6 +312,9 @@ class MicroBatchSampler:
             except queue.Empty:
                 if not self._thread.is_alive():
                     raise RuntimeError("the data prefetch thread stopped without an error") from None
+        if item is _END:
+            self._queue.put(_END)  # every later call ends too
+            raise StopIteration
         if isinstance(item, BaseException):
             raise item
         return item
@@ -311,8 +325,10 @@ class MicroBatchSampler:
 
 
 def build_micro_batches(dataset, *, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int,
-                        consumed_samples: int, num_workers: int = 0, prefetch: int = 4) -> MicroBatchSampler:
-    """This DP rank's (tokens, labels) micro-batches, in order, forever (see :class:`MicroBatchSampler`)."""
+                        consumed_samples: int, num_workers: int = 0, prefetch: int = 4,
+                        num_micro_batches: Optional[int] = None) -> MicroBatchSampler:
+    """This DP rank's (tokens, labels) micro-batches, in order, forever or for ``num_micro_batches``
+    (see :class:`MicroBatchSampler`)."""
     return MicroBatchSampler(dataset, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
                              dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples,
-                             num_workers=num_workers, prefetch=prefetch)
+                             num_workers=num_workers, prefetch=prefetch, num_micro_batches=num_micro_batches)

@@ -250,7 +250,8 @@ class DistributedConfig:
 class RunConfig:
     """Where the run lives."""
 
-    dir: str = _f("runs/demo", "run directory: config.yaml, metrics.jsonl, checkpoints/")
+    dir: str = _f("runs/demo", "run directory: config.yaml, metrics.jsonl, checkpoints/ (default with --config "
+                             "X.yaml: runs/X; '.' for the working directory, never an empty value)")
     name: Optional[str] = _f(None, "human name for logs and wandb (default: the directory's name)")
 
 
@@ -458,6 +459,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {p}: the top level must be a mapping of sections")
         tree = loaded
+        run = tree.get("run")
+        if run is None or isinstance(run, dict) and "dir" not in run:
+            # a run from X.yaml lives in runs/X unless it says otherwise, not in the demo's runs/demo
+            tree["run"] = {**(run or {}), "dir": f"runs/{p.stem}"}
     for arg in overrides or []:
         key, value = parse_override(arg)
         _set_dotted(tree, key, value)
@@ -500,6 +505,12 @@ def config_from_tree(tree: dict) -> Config:
     return cfg
 
 
+def _check_run_dir(run_dir: Any) -> None:
+    if not isinstance(run_dir, str) or not run_dir.strip():
+        raise ConfigError(f"run.dir={run_dir!r}: empty; give the run's directory (e.g. run.dir=runs/NAME), or "
+                          f"run.dir=. to mean the working directory")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Every check that needs only the config (and, when known, the world size)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -514,6 +525,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if bad:
         raise ConfigError(f"eval.prompts: every prompt must be a string, got {bad!r}; quote them in YAML")
     _check_partition(p.pipeline_partition)
+    _check_run_dir(cfg.run.dir)
     if m.num_heads % p.tensor:
         raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}")
     if m.kv_heads % p.tensor:

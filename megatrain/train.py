@@ -95,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise ConfigError(f"--world-size {world}: must be >= 1")
             sys.stdout.write(dry_run_report(cfg, world) + "\n")
             return 0
-        return run(cfg)
+        return run(cfg, user_config=args.config)
     except errors as e:
         log.error("error: %s", e)
         return 2
@@ -104,7 +104,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
 
 
-def run(cfg) -> int:
+def run(cfg, user_config: Optional[str] = None) -> int:
     import torch
     import torch.distributed as dist
 
@@ -126,14 +126,15 @@ def run(cfg) -> int:
     try:
         validate_world(cfg, dist.get_world_size())
         st = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
-        return train_with(cfg, st, device).exit_code
+        return train_with(cfg, st, device, user_config).exit_code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train_with(cfg, st, device):
-    """Everything after the process group exists: data, engine, the loop. Returns the Trainer."""
+def train_with(cfg, st, device, user_config: Optional[str] = None):
+    """Everything after the process group exists: data, engine, the loop. Returns the Trainer.
+    ``user_config`` is the --config file, which the run never overwrites."""
     import torch.distributed as dist
 
     from megatrain.data.batch import plan_batch
@@ -148,7 +149,7 @@ def train_with(cfg, st, device):
     datasets, fingerprints = _build_datasets(cfg, st, plan, tokenizer)
     run_dir = Path(cfg.run.dir)
     if st.rank == 0:
-        _write_resolved_config(cfg, run_dir)
+        _write_resolved_config(cfg, run_dir, user_config)
         log.info(start_report(cfg, st.world_size, st.dp_size, plan))
     dist.barrier()
     torch_seed(cfg.train.seed)
@@ -224,13 +225,24 @@ def _build_datasets(cfg, st, plan, tokenizer):
     return datasets, {"data": data_fingerprint(cfg.data), "tokenizer": tokenizer.sha256 if tokenizer else None}
 
 
-def _write_resolved_config(cfg, run_dir: Path) -> None:
+def _write_resolved_config(cfg, run_dir: Path, user_config: Optional[str] = None) -> Path:
+    """run.dir/config.yaml, unless that file is the user's --config (resuming with
+    ``--config RUN/config.yaml``): a file the user gave is an input and is never replaced, so the
+    resolved config then goes next to it, as config.resolved.yaml. Returns the path written."""
     from megatrain.config import config_to_yaml
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(config_to_yaml(cfg))
-    os.replace(tmp, run_dir / "config.yaml")
+    target, text = run_dir / "config.yaml", config_to_yaml(cfg)
+    if user_config and target.exists() and os.path.samefile(user_config, target):
+        if target.read_text(encoding="utf-8") == text:
+            return target
+        target = run_dir / "config.resolved.yaml"
+        log.info("run.dir/config.yaml is the --config file: left as it is; this start's resolved config is in %s",
+                 target)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+    return target
 
 
 if __name__ == "__main__":

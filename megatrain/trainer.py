@@ -248,27 +248,13 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self) -> list[str]:
-        """Generate from the configured prompts on every rank in lockstep (TP and ZeRO-3 need all ranks)."""
+        """Generate from the configured prompts on every rank in lockstep (TP, PP and ZeRO-3 need all ranks)."""
         if self.tokenizer is None or not self.cfg.eval.prompts or self.cfg.eval.sample_tokens <= 0:
             return []
-        if self.built.is_pipeline:
-            log.info("text samples are skipped under pipeline parallelism (evaluation loss still runs)")
-            return []
-        from megatrain.model.generate import generate
+        from megatrain.samples import sample_texts
 
-        module = self.engine.module
-        module.eval()
-        outs = []
-        try:
-            for prompt in self.cfg.eval.prompts:
-                ids = self.tokenizer.encode(prompt)
-                new = generate(module, ids, self.cfg.eval.sample_tokens, self.cfg.train.seq_len, self.device,
-                               top_p=self.cfg.eval.top_p, temperature=self.cfg.eval.temperature,
-                               seed=self.cfg.train.seed + self.step, eos_id=self.tokenizer.eos_id)
-                text = self.tokenizer.decode(new)
-                outs.append(prompt + text)
-                log.info("sample @ step %d: %r", self.step, prompt + text)
-        finally:
-            module.train()
+        outs = sample_texts(self.built, self.st, self.cfg, self.tokenizer, self.device, self.cfg.train.seed + self.step)
+        for text in outs:
+            log.info("sample @ step %d: %r", self.step, text)
         self.metrics.write({"step": self.step, "samples": outs})
         return outs

@@ -47,6 +47,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from megatrain.engine import internals
+
 log = logging.getLogger(__name__)
 
 ABORT_EXIT_CODE = 3  # the run diverged (train.nonfinite=abort, or too many bad steps in a row)
@@ -189,28 +191,23 @@ class StepGuard:
         # fp16 gradients overflow by design while the loss scale settles: DeepSpeed's scaler skips those
         # steps itself, so only the loss counts as evidence there.
         self._check_grads = not getattr(engine, "fp16_enabled", lambda: False)()
-        self._original_take_model_step: Optional[Callable] = None
+        self._unhook: Optional[Callable[[], None]] = None
 
     # ------------------------------------------------------------------ wiring
 
     def install(self) -> None:
-        if not callable(getattr(self.engine, "_take_model_step", None)):
-            raise RuntimeError(f"this DeepSpeed ({type(self.engine).__name__}) has no _take_model_step(): the step "
-                               f"guard cannot see the optimizer step; megatrain is tested with deepspeed 0.19")
+        self._unhook = internals.hook_take_model_step(self.engine, self._gated_take_model_step)
         for p in self.engine.module.parameters():
             if p.requires_grad:
                 self._hooks.append(p.register_hook(self._grad_hook))
-        self._original_take_model_step = self.engine._take_model_step
-        # An instance attribute shadows the method for this engine only; both engines call it by name.
-        self.engine._take_model_step = self._gated_take_model_step
 
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        if self._original_take_model_step is not None:
-            self.engine.__dict__.pop("_take_model_step", None)
-            self._original_take_model_step = None
+        if self._unhook is not None:
+            self._unhook()
+            self._unhook = None
 
     def _grad_hook(self, grad: torch.Tensor) -> None:
         if self._check_grads:
@@ -295,22 +292,21 @@ class StepGuard:
 
     # ------------------------------------------------------------------ the gate
 
-    def _gated_take_model_step(self, lr_kwargs: Optional[dict] = None) -> None:
+    def _gated_take_model_step(self, take_model_step: Callable, lr_kwargs: Optional[dict] = None) -> None:
         out = self.decide()
         sched = getattr(self.engine, "lr_scheduler", None)
         epoch = getattr(sched, "last_epoch", None)
         if out.applied:
-            self._original_take_model_step(lr_kwargs)
+            take_model_step(lr_kwargs)
             if not self.engine.was_step_applied():  # DeepSpeed skipped it by itself (fp16 overflow)
                 out.applied, out.skip_reason = False, "DeepSpeed skipped the update (gradient overflow)"
         else:
-            with updates_disabled(self.engine.optimizer):
-                self._original_take_model_step(lr_kwargs)
+            with internals.updates_disabled(self.engine.optimizer):
+                take_model_step(lr_kwargs)
             if self.engine.was_step_applied():  # DeepSpeed did not see it as a skip: record it its way too
-                self.engine._step_applied = False
-                self.engine.skipped_steps += 1
-            if not _has_state(self.engine.optimizer):
-                _unlink_lazy_state(self.engine.optimizer)  # a skipped first step must not freeze empty links
+                internals.mark_step_skipped(self.engine)
+            if not internals.has_state(self.engine.optimizer):
+                internals.relink_lazy_state(self.engine.optimizer, now=False)  # no frozen empty links
         if sched is not None and epoch is not None and sched.last_epoch == epoch:
             with warnings.catch_warnings():  # torch warns when no optimizer step preceded it: intended here
                 warnings.simplefilter("ignore")
@@ -330,48 +326,6 @@ class StepGuard:
                                   int(sd.get("nonfinite", 0)), int(sd.get("spikes", 0)))
         self.spikes.history.clear()
         self.spikes.history.extend(float(x) for x in sd.get("history", []))
-
-
-def update_optimizers(opt: Any) -> list:
-    """The torch optimizers that apply updates, found under DeepSpeed's wrappers (ZeRO, bf16, fp16)."""
-    found = []
-    while hasattr(opt, "optimizer") and opt.optimizer is not opt:
-        backup = getattr(opt, "backup_optimizer", None)  # ZeRO-3 partial offload steps GPU sub-groups with it
-        if backup is not None:
-            found.append(backup)
-        opt = opt.optimizer
-    found.append(opt)
-    return found
-
-
-def _no_update(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-@contextlib.contextmanager
-def updates_disabled(opt: Any) -> Iterator[None]:
-    """Within the block, the optimizers under ``opt`` do not change any parameter or state."""
-    inner = update_optimizers(opt)
-    for o in inner:
-        o.step = _no_update  # an instance attribute shadows the class's step for this object only
-    try:
-        yield
-    finally:
-        for o in inner:
-            o.__dict__.pop("step", None)
-
-
-def _has_state(opt: Any) -> bool:
-    return any(len(o.state) > 0 for o in update_optimizers(opt) if hasattr(o, "state"))
-
-
-def _unlink_lazy_state(opt: Any) -> None:
-    # ZeRO-1/2 and the bf16 optimizer link views of the Adam state after the first step; with no state yet those
-    # links would be empty for good. Marking them unlinked makes the next real step link them.
-    while opt is not None:
-        if hasattr(opt, "_hp_optimizer_states_linked"):
-            opt._hp_optimizer_states_linked = False
-        opt = getattr(opt, "optimizer", None)
 
 
 # --------------------------------------------------------------------------- hangs

@@ -30,10 +30,10 @@ DEMO_DEFAULTS = [
 
 def _user_errors() -> tuple:
     """Exceptions that mean "the input is wrong": reported as one clear line, exit code 2."""
-    from megatrain.ckpt_layout import CheckpointError
+    from megatrain.checkpoint import CheckpointError
     from megatrain.config import ConfigError
     from megatrain.data.indexed import DataFormatError
-    from megatrain.distributed import LaunchError
+    from megatrain.launch.discover import LaunchError
 
     return (ConfigError, DataFormatError, CheckpointError, LaunchError, FileNotFoundError)
 
@@ -109,7 +109,7 @@ def run(cfg, user_config: Optional[str] = None) -> int:
     import torch.distributed as dist
 
     from megatrain.config import ConfigError, validate_world
-    from megatrain.distributed import init_distributed
+    from megatrain.launch.rendezvous import init_distributed
     from megatrain.parallel.state import ParallelState
 
     from megatrain.telemetry.ds_output import use_cpu_accelerator
@@ -161,8 +161,8 @@ def train_with(cfg, st, device, user_config: Optional[str] = None):
 
 def _check_output_dirs(cfg) -> None:
     """Directories the run writes must not be, or sit under, a regular file: refused now, not at the final save."""
-    from megatrain.ckpt_layout import file_in_the_way
     from megatrain.config import ConfigError
+    from megatrain.files import file_in_the_way
 
     wanted = [("run.dir", Path(cfg.run.dir) / "checkpoints")]  # the walk up also covers run.dir itself
     if cfg.data.cache_dir:
@@ -217,8 +217,7 @@ def _prepare_data(cfg, st):
 def _build_datasets(cfg, st, plan, tokenizer):
     from megatrain.data.loader import build_datasets, data_fingerprint
 
-    n_train = cfg.train.max_steps * plan.global_batch
-    n_valid = max(1, cfg.eval.steps) * plan.micro_batch * st.dp_size
+    n_train, n_valid = plan.train_samples(cfg.train.max_steps), plan.eval_samples(cfg.eval.steps)
     datasets = build_datasets(cfg.data, seq_len=cfg.train.seq_len, num_samples={"train": n_train, "valid": n_valid},
                               seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
                               tokenizer_sha256=tokenizer.sha256 if tokenizer else None)

@@ -11,14 +11,14 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from megatrain import checkpoint as ckpt
 from megatrain import resilience as res
+from megatrain.checkpoint import Checkpointer, Progress
 from megatrain.config import Config
 from megatrain.engine import Built
-from megatrain.optim import lr_at
-from megatrain.telemetry.metrics import MetricsSink, device_peak_tflops, format_step_line, peak_memory_gib
 from megatrain.model.accounting import flops_per_token
+from megatrain.optim import lr_at
 from megatrain.parallel.state import ParallelState
+from megatrain.telemetry.metrics import MetricsSink, device_peak_tflops, format_step_line, peak_memory_gib
 from megatrain.telemetry.pipe_timing import PipelineTimer, format_report
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class Trainer:
         self.pipe_timer = None
         if cfg.logging.pipeline_timing and built.is_pipeline:
             self.pipe_timer = PipelineTimer(self.engine, device, st.pp_group, st.pp_size, built.plan.grad_accum)
+        self.checkpointer = Checkpointer(cfg, st, self.engine, run_dir, rng_tracker=built.ctx.rng, guard=self.guard,
+                                         fingerprints=self.fingerprints)
 
     # ------------------------------------------------------------------ data
 
@@ -69,10 +71,11 @@ class Trainer:
         ds = self.datasets.get("valid")
         if ds is None or len(ds) == 0:
             return None
-        mb, dp = self.built.plan.micro_batch, self.st.dp_size
+        plan = self.built.plan
         # The same leading samples of the valid split at every evaluation, so evals are comparable.
-        return build_micro_batches(ds, micro_batch_size=mb, global_batch_size=mb * dp, dp_rank=self.st.dp_rank,
-                                   dp_size=dp, consumed_samples=0, num_micro_batches=self.cfg.eval.steps)
+        return build_micro_batches(ds, micro_batch_size=plan.micro_batch, global_batch_size=plan.eval_batch,
+                                   dp_rank=self.st.dp_rank, dp_size=plan.dp_size, consumed_samples=0,
+                                   num_micro_batches=self.cfg.eval.steps)
 
     # ------------------------------------------------------------------ steps
 
@@ -118,7 +121,8 @@ class Trainer:
                 if t.max_wall_time:
                     self.guard.wall_deadline = time.time() + t.max_wall_time
                 with wd.phase("resume from a checkpoint", factor=6):
-                    self.step, self.consumed_samples = ckpt.resume(self)
+                    progress = self.checkpointer.resume()
+                self.step, self.consumed_samples = progress.step, progress.consumed_samples
                 return self._loop(wd, signals)
         finally:
             self.guard.remove()
@@ -199,7 +203,7 @@ class Trainer:
     def _save(self, wd: res.Watchdog) -> None:
         began = time.time()
         with wd.phase(f"checkpoint save at step {self.step}", factor=6):  # large checkpoints take long
-            ckpt.save(self)
+            self.checkpointer.save(Progress(self.step, self.consumed_samples))
         self.guard.slowest_save_s = max(self.guard.slowest_save_s, time.time() - began)
 
     def _log_step(self, loss: float, tok_s: float, elapsed: float, eta: float) -> None:

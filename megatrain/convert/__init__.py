@@ -1,7 +1,7 @@
 """Checkpoint conversion: megatrain <-> Hugging Face safetensors, megatrain -> GGUF, offline resharding.
 
 Every conversion goes through one pivot, the *canonical* state dict (full tensors under
-``LlamaModel.state_dict()`` names; ``megatrain/ckpt_layout.py`` cuts and merges them):
+``LlamaModel.state_dict()`` names; ``megatrain/checkpoint/layout.py`` cuts and merges them):
 
     source (megatrain checkpoint | HF directory) -> canonical tensors + ModelConfig + tokenizer
         -> writer (hf | megatrain | gguf), into a temporary name

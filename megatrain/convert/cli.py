@@ -23,10 +23,11 @@ from typing import Any, Optional
 
 import torch
 
-from megatrain import ckpt_layout as layout
+from megatrain.checkpoint import layout
 from megatrain.config import Config, ConfigError, validate
 from megatrain.convert import gguf_export, hf_export, verify
 from megatrain.convert.source import ConversionError, Source, load_source, load_tokenizer
+from megatrain.files import file_in_the_way, replace_dir
 from megatrain.telemetry.console import pipe_safe
 
 log = logging.getLogger("megatrain.convert")
@@ -112,7 +113,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConversionError("--verify-prompts and --verify-tokens must be >= 1 (or pass --no-verify)")
     if not (args.atol >= 0 and args.rtol >= 0):  # also refuses nan
         raise ConversionError(f"--atol {args.atol} --rtol {args.rtol}: tolerances must be >= 0")
-    blocker = layout.file_in_the_way(Path(args.output).absolute().parent)
+    blocker = file_in_the_way(Path(args.output).absolute().parent)
     if blocker is not None:
         raise ConversionError(f"{args.output}: {blocker} is a file, so nothing can be written under it; "
                               f"choose another output path")
@@ -166,7 +167,7 @@ def _remove(path: Path) -> None:
 
 def install(tmp: Path, out: Path) -> None:
     if tmp.is_dir():
-        layout.replace_dir(tmp, out)
+        replace_dir(tmp, out)
     else:
         os.replace(tmp, out)
 

@@ -101,7 +101,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def write_hf_weights(out: Path, tensors: dict[str, torch.Tensor], max_bytes: int,
                      advance: Callable[[int], None]) -> int:
     """Safetensors file(s) plus the index when there is more than one; returns the bytes written."""
-    from megatrain.file_modes import save_safetensors
+    from megatrain.files import save_safetensors
 
     sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
     groups = plan_shards(sizes, max_bytes)

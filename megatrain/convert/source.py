@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import torch
 
-from megatrain import ckpt_layout as layout
+from megatrain.checkpoint import layout
+from megatrain.checkpoint.select import resolve_checkpoint_dir
 from megatrain.config import Config, ConfigError, ModelConfig, validate_model
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def detect_kind(path: Path) -> str:
     if path.is_dir() and (path / "config.json").is_file() and not (path / layout.META).exists():
         raise ConversionError(f"{path}: has a config.json but no weights (model.safetensors, model-*.safetensors "
                               f"or pytorch_model.bin); the download is incomplete")
-    layout.resolve_checkpoint_dir(path)  # raises CheckpointError saying what a checkpoint looks like
+    resolve_checkpoint_dir(path, verify="off")  # raises CheckpointError saying what a checkpoint looks like
     return "megatrain"
 
 
@@ -91,7 +92,7 @@ def load_source(path: Any, kind: str = "auto", tokenizer: Optional[Any] = None, 
 
 
 def _load_megatrain(path: Path, verify: str) -> Source:
-    ckpt = layout.resolve_checkpoint_dir(path)
+    ckpt = resolve_checkpoint_dir(path, verify)  # the checkpoint megatrain-train would resume from
     meta, weights = layout.load_canonical_weights(ckpt, verify=verify)
     cfg = layout.model_config_of(meta, ckpt)
     hf_config = (meta.get("source") or {}).get("hf_config")

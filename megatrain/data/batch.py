@@ -13,13 +13,27 @@ from megatrain.config import ConfigError, TrainConfig
 
 @dataclass(frozen=True)
 class BatchPlan:
+    """Samples per forward on one data-parallel rank, micro-batches per optimizer step, DP ranks."""
+
     micro_batch: int
     grad_accum: int
     dp_size: int
 
     @property
     def global_batch(self) -> int:
+        """Samples per optimizer step over all DP ranks."""
         return self.micro_batch * self.grad_accum * self.dp_size
+
+    @property
+    def eval_batch(self) -> int:
+        """Samples per evaluation micro-step over all DP ranks (one micro-batch each, no accumulation)."""
+        return self.micro_batch * self.dp_size
+
+    def train_samples(self, steps: int) -> int:
+        return steps * self.global_batch
+
+    def eval_samples(self, steps: int) -> int:
+        return max(1, steps) * self.eval_batch
 
 
 def plan_batch(train: TrainConfig, dp_size: int) -> BatchPlan:

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from megatrain.data.indexed import DataFormatError, IndexedDataset
+from megatrain.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -144,9 +145,8 @@ def file_lock(path: str) -> Iterator[None]:
 
 
 def save_npy_atomic(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.partial-{os.getpid()}.npy"
-    np.save(tmp, array, allow_pickle=False)
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=False) as tmp, open(tmp, "wb") as f:  # a cache: rebuilt if lost
+        np.save(f, array, allow_pickle=False)
 
 
 def cached_arrays(cache_dir: str, stem: str, description: dict, names: tuple[str, ...], build) -> dict:

@@ -19,6 +19,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from megatrain.files import atomic_write_json, sha256_file
+
 logger = logging.getLogger(__name__)
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -85,20 +87,8 @@ def read_sidecar(prefix: str) -> Optional[dict]:
     return side
 
 
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)
 
 
 # --------------------------------------------------------------------------- reader

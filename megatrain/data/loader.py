@@ -25,7 +25,8 @@ import numpy as np
 
 from megatrain.data.blend import BlendedDataset, blend_counts, blend_description, parse_blend
 from megatrain.data.gpt_dataset import SPLIT_NAMES, GPTDataset, dataset_identity, parse_split, split_ranges
-from megatrain.data.indexed import DataFormatError, IndexedDataset, read_sidecar, sha256_file
+from megatrain.data.indexed import DataFormatError, IndexedDataset, read_sidecar
+from megatrain.files import sha256_file
 
 logger = logging.getLogger(__name__)
 

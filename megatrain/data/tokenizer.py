@@ -13,6 +13,7 @@ import os
 from typing import Iterable, Iterator, Optional, Sequence
 
 from megatrain.data.indexed import DataFormatError, ensure_parent_dir
+from megatrain.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,4 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str, *
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)

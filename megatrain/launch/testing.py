@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import os
 import queue
-import socket
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatrain.launch.discover import free_port
 
 
 def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, env: dict, q: Any) -> None:

@@ -69,13 +69,11 @@ def announce_op_build(op_name: str, what: str) -> None:
 def prepare_comm_ops(world_size: int, local_world_size: int) -> None:
     """Before ``deepspeed.init_distributed``: its shared-memory all-reduce helps only several
     processes on one host, so where one process per host runs it is neither built nor loaded."""
-    import deepspeed.ops
+    from megatrain.engine import internals
 
     if local_world_size <= 1 or world_size <= 1:
-        # The op table is computed once per process and read by the comm backend; marking the op
-        # unavailable is how DeepSpeed itself treats a platform without it (plain gloo/NCCL then).
-        deepspeed.ops.__compatible_ops__[SHM_OP] = False
-    elif deepspeed.ops.__compatible_ops__.get(SHM_OP):
+        internals.disable_op(SHM_OP)
+    elif internals.op_compatible(SHM_OP):
         announce_op_build(SHM_OP, "shared-memory all-reduce between the processes of one host")
 
 

@@ -28,6 +28,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from megatrain.engine import internals
+
 # DeepSpeed instruction class name -> our category
 CATEGORIES = {"ForwardPass": "forward", "BackwardPass": "backward", "ReduceGrads": "reduce",
               "ReduceTiedGrads": "reduce", "OptimizerStep": "optimizer", "LoadMicroBatch": "load",
@@ -84,10 +86,7 @@ class PipelineTimer:
         self.device, self.pp_group, self.pp_size, self.micro_batches = device, pp_group, pp_size, micro_batches
         self.steps = 0
         self.active = False  # inside train_batch (evaluation runs the same instructions; it is not timed)
-        # The engine looks instructions up in self._INSTRUCTION_MAP on every use: an instance copy with
-        # timed wrappers takes precedence over the class's map and leaves other engines untouched.
-        engine._INSTRUCTION_MAP = {cls: self._timed(CATEGORIES.get(cls.__name__, "p2p"), fn)
-                                   for cls, fn in type(engine)._INSTRUCTION_MAP.items()}
+        internals.wrap_pipeline_instructions(engine, lambda name, fn: self._timed(CATEGORIES.get(name, "p2p"), fn))
         train_batch = engine.train_batch
 
         def timed_train_batch(_engine: Any, *args: Any, **kwargs: Any) -> Any:

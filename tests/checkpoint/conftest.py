@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.checkpoint.zygote import Zygote
+from tests.tiny import tiny_run
 
 STEPS = 10
 
@@ -22,11 +23,8 @@ def zygote():
 
 def run_args(data: str, run_dir: Path, *extra: str, steps: int = STEPS) -> list[str]:
     """A tiny deterministic run: debug model with dropout (so RNG state matters), fp32, a checkpoint per step."""
-    return ["model.preset=debug", "model.dropout=0.1", f"data.path={data}", "data.split=100,0,0",
-            f"run.dir={run_dir}", f"train.max_steps={steps}", "train.seq_len=32", "train.micro_batch_size=2",
-            "train.global_batch_size=4", "train.precision=fp32", "train.deterministic=true", "logging.interval=1",
-            "eval.steps=0", "eval.sample_tokens=0", "optimizer.lr=3e-3", "schedule.warmup_steps=2",
-            "checkpoint.interval=1", "checkpoint.keep_last=0", "distributed.timeout_s=60", *extra]
+    return tiny_run(data, run_dir, steps, "model.dropout=0.1", "train.micro_batch_size=2", "train.deterministic=true",
+                    "checkpoint.interval=1", "checkpoint.keep_last=0", "distributed.timeout_s=60", *extra)
 
 
 def loss_records(run_dir: Path) -> list[tuple[int, float]]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatrain.checkpoint import SAVE_PHASES  # noqa: E402
+from megatrain.checkpoint.save import SAVE_PHASES  # noqa: E402
 from tests.checkpoint.conftest import (checkpoint_tensors, loss_records, run_args, run_to_end, start_ranks,  # noqa: E402
                                        wait_for_step)
 from tests.checkpoint.zygote import Zygote  # noqa: E402

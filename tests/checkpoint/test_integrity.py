@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatrain import checkpoint as ckpt
-from megatrain import ckpt_layout as layout
+from megatrain.checkpoint import compat, rng, save, select
+from megatrain.checkpoint import layout
 from megatrain.config import ConfigError, load_config
 from tests.checkpoint.conftest import run_args, run_to_end
 
@@ -41,7 +41,7 @@ def root(pristine, tmp_path):
 
 
 def _select(mode, root, verify="sizes"):
-    return ckpt.select_checkpoint(mode, root, verify)
+    return select.select_checkpoint(mode, root, verify)
 
 
 def _shard(root: Path, tag: str = TAGS[-1]) -> Path:
@@ -115,6 +115,19 @@ def test_newer_complete_checkpoint_than_latest_wins(root, caplog):
     assert "complete but older" in caplog.text
 
 
+@pytest.mark.parametrize("latest", [TAGS[0], layout.tag_for_step(9)], ids=["older-complete", "missing-step"])
+def test_training_and_conversion_pick_the_same_checkpoint_when_latest_is_stale(root, latest, caplog):
+    """One rule for both: the newest complete checkpoint that verifies; `latest` is only a hint."""
+    from megatrain.convert.source import load_source
+
+    (root / "latest").write_text(latest + "\n")
+    with caplog.at_level(logging.WARNING, "megatrain"):
+        trained_from = _select("auto", root)  # what megatrain-train's auto-resume loads
+        converted_from = load_source(root.parent).path  # what megatrain-convert RUN_DIR reads
+    assert trained_from == converted_from == root / TAGS[-1]
+    assert f"names {latest}" in caplog.text  # the disagreement is logged, not silent
+
+
 def test_nothing_usable_is_an_error_never_a_fresh_start(root, tmp_path):
     for tag in TAGS:
         _shard(root, tag).unlink()
@@ -169,8 +182,8 @@ def test_pickle_that_runs_code_is_refused(root, tmp_path, rel):
         assert _select("auto", root, "full") == root / TAGS[-2]
     # The second line of defence, should a file ever get past the scan: every torch.load is weights-only.
     with pytest.raises(layout.CheckpointError, match="not a plain-data RNG state"):
-        ckpt._load_rng(target / rel)
-    with ckpt.weights_only_unpickling(), pytest.raises(Exception, match="Weights only load failed"):
+        rng.load_rng_file(target / rel)
+    with select.weights_only_unpickling(), pytest.raises(Exception, match="Weights only load failed"):
         torch.load(target / rel, weights_only=False)  # what DeepSpeed's loader asks for
     assert not marker.exists(), "the payload ran"
 
@@ -239,16 +252,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def test_mismatch_is_refused_naming_the_change_unless_allowed(pristine, override, item, words, caplog):
     tr, meta = _trainer_like(pristine, override)
     with pytest.raises(ConfigError, match=rf"{words}.*train.resume_allow_changes=\[{item}\]"):
-        ckpt.check_compatible(tr, meta, Path("ckpt"))
+        compat.check_compatible(tr.cfg, tr.fingerprints, meta, Path("ckpt"))
     tr, meta = _trainer_like(pristine, override, f"train.resume_allow_changes=[{item}]")
     with caplog.at_level(logging.WARNING, "megatrain"):
-        ckpt.check_compatible(tr, meta, Path("ckpt"))
+        compat.check_compatible(tr.cfg, tr.fingerprints, meta, Path("ckpt"))
     assert words in caplog.text
     tr, _ = _trainer_like(pristine)
-    ckpt.check_compatible(tr, meta, Path("ckpt"))  # unchanged: no complaint
+    compat.check_compatible(tr.cfg, tr.fingerprints, meta, Path("ckpt"))  # unchanged: no complaint
     tr.fingerprints["data"] = "0" * 16
     with pytest.raises(ConfigError, match="data fingerprint"):
-        ckpt.check_compatible(tr, meta, Path("ckpt"))
+        compat.check_compatible(tr.cfg, tr.fingerprints, meta, Path("ckpt"))
 
 
 @pytest.mark.parametrize("override, words", [
@@ -258,10 +271,10 @@ def test_mismatch_is_refused_naming_the_change_unless_allowed(pristine, override
 def test_shape_change_is_refused_even_when_model_changes_are_allowed(pristine, override, words):
     tr, meta = _trainer_like(pristine, override)
     with pytest.raises(ConfigError, match=r"model shape.*train.resume_allow_changes=\[model\]"):
-        ckpt.check_compatible(tr, meta, Path("ckpt"))
+        compat.check_compatible(tr.cfg, tr.fingerprints, meta, Path("ckpt"))
     tr, meta = _trainer_like(pristine, override, "train.resume_allow_changes=[model]")
     with pytest.raises(ConfigError, match=rf"other shapes than this run's model \(.*{re.escape(words)}"):
-        ckpt.check_compatible(tr, meta, Path("ckpt"))
+        compat.check_compatible(tr.cfg, tr.fingerprints, meta, Path("ckpt"))
 
 
 def test_prune_keeps_last_n_and_every_kth(tmp_path):
@@ -270,6 +283,6 @@ def test_prune_keeps_last_n_and_every_kth(tmp_path):
         d.mkdir()
         layout.mark_complete(d)
     (tmp_path / layout.tag_for_step(13)).mkdir()  # an interrupted save: not counted, not deleted
-    ckpt.prune(tmp_path, keep_last=3, keep_every=5)
+    save.prune(tmp_path, keep_last=3, keep_every=5)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == [layout.tag_for_step(s) for s in (5, 10, 11, 12, 13)]

@@ -10,7 +10,7 @@ import signal
 import time
 from pathlib import Path
 
-from megatrain import ckpt_layout as layout
+from megatrain.checkpoint import layout
 from tests.checkpoint.conftest import (STEPS, assert_bitwise_equal, checkpoint_tensors, loss_records, run_args,
                                        run_to_end, wait_for_step)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megatrain import ckpt_layout as layout
+from megatrain.checkpoint import layout
 from megatrain.resilience import HANG_EXIT_CODE
 from megatrain.trainer import REQUEUE_EXIT_CODE
 from tests.checkpoint.conftest import (assert_bitwise_equal, checkpoint_tensors, loss_records, run_args, run_to_end,

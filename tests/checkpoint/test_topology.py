@@ -8,17 +8,15 @@ import pytest
 import torch
 
 from megatrain.launch.testing import run_distributed
+from tests.tiny import tiny_run
 
 STEPS, SAVED = 6, 3
 RTOL = 1e-5
 
 
 def _args(data: str, run_dir: str) -> list[str]:
-    return ["model.preset=debug", f"data.path={data}", "data.split=100,0,0", f"run.dir={run_dir}",
-            f"train.max_steps={STEPS}", "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=4",
-            "train.precision=fp32", "logging.interval=1", "eval.steps=0", "eval.sample_tokens=0",
-            "optimizer.lr=3e-3", "schedule.warmup_steps=2", f"checkpoint.interval={SAVED}", "checkpoint.keep_last=0",
-            "checkpoint.save_at_end=false"]
+    return tiny_run(data, run_dir, STEPS, "train.micro_batch_size=2", f"checkpoint.interval={SAVED}",
+                    "checkpoint.keep_last=0", "checkpoint.save_at_end=false")
 
 
 def _train(data: str, run_dir: str, extra: list[str]) -> dict[int, float]:
@@ -50,14 +48,14 @@ TARGETS = {  # one process
 
 
 def _sources(data: str, root: str) -> dict:
-    from megatrain import checkpoint
+    from megatrain.checkpoint import compat
 
     out = {name: _train(data, f"{root}/{name}", extra) for name, extra in SOURCES.items()}
     for name in ("dp2_zero3", "tp2", "pp2"):  # DeepSpeed's own files at the same topology: bitwise
         out[f"{name}_native"] = _train(data, f"{root}/{name}-native", SOURCES[name] + [
             f"train.resume={root}/{name}/checkpoints/step_{SAVED:08d}"])
     # The resharding path at the *same* topology must reproduce DeepSpeed's own resume bit for bit.
-    checkpoint.same_topology = lambda tr, meta: False
+    compat.same_topology = lambda old, new, meta: False
     out["dp2_zero1_portable"] = _train(data, f"{root}/portable", SOURCES["dp2_zero1"] + [
         f"train.resume={root}/dp2_zero1/checkpoints/step_{SAVED:08d}"])
     return out

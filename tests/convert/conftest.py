@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatrain import ckpt_layout as layout
+from megatrain.checkpoint import layout
 from megatrain.config import Config, load_config
 from megatrain.model import build_model
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from megatrain import ckpt_layout as layout
+from megatrain.checkpoint import layout
+from megatrain.checkpoint.select import find_checkpoint, resolve_checkpoint_dir
 from megatrain.parallel.layers import shard_of
 from tests.convert.conftest import debug_config, make_checkpoint
 
@@ -112,19 +113,19 @@ def test_partial_checkpoint_is_never_loaded(tmp_path):
 def test_find_resume_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
     cfg = debug_config()
     root = tmp_path / "checkpoints"
-    assert layout.find_resume_checkpoint(root) is None
+    assert find_checkpoint(root, verify="off") is None
     sd = make_checkpoint(root / "step_00000001", cfg)
     _trainer_style_save(root, cfg, sd, 1, 1, 2)
-    assert layout.find_resume_checkpoint(root) == root / "step_00000002"
+    assert find_checkpoint(root, verify="off") == root / "step_00000002"
     assert layout.list_checkpoints(root) == [root / "step_00000001", root / "step_00000002"]
     (root / "step_00000002" / layout.COMPLETE).unlink()  # latest now names an interrupted save
-    with caplog.at_level(logging.WARNING, logger="megatrain.ckpt_layout"):
-        assert layout.find_resume_checkpoint(root) == root / "step_00000001"
+    with caplog.at_level(logging.WARNING, logger="megatrain.checkpoint.select"):
+        assert find_checkpoint(root, verify="off") == root / "step_00000001"
     assert "step_00000002" in caplog.text and "newest complete checkpoint" in caplog.text
     with pytest.raises(layout.CheckpointError, match="not a complete checkpoint"):
         layout.update_latest(root, "step_00000002")
     # a run directory or checkpoints root resolves to the checkpoint to use
-    assert layout.resolve_checkpoint_dir(tmp_path) == root / "step_00000001"
+    assert resolve_checkpoint_dir(tmp_path, verify="off") == root / "step_00000001"
 
 
 def test_whole_directory_writes_are_atomic_and_refuse_to_overwrite(tmp_path):
@@ -169,7 +170,7 @@ def test_replicated_copies_must_agree(tmp_path, caplog):
         sd["norm.weight"] = base + delta  # replicated on every TP rank
         save_file(sd, str(path), metadata={"tp_rank": "1", "pp_rank": "0", "tp": "2", "pp": "1"})
         if ok:
-            with caplog.at_level(logging.WARNING, logger="megatrain.ckpt_layout"):
+            with caplog.at_level(logging.WARNING, logger="megatrain.checkpoint.layout"):
                 _, full = layout.load_canonical_weights(tmp_path / "c", verify="off")
             assert torch.equal(full["norm.weight"], base) and "replicated copies differ" in caplog.text
         else:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from megatrain import ckpt_layout as layout
+from megatrain.checkpoint import layout
 from megatrain.convert import cli
 from tests.convert.conftest import convert, debug_config, make_checkpoint, train_tiny_tokenizer
 

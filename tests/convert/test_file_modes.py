@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
-from megatrain.file_modes import default_file_mode
+from megatrain.files import default_file_mode
 from tests.convert.conftest import convert, debug_config, make_checkpoint
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from megatrain import ckpt_layout as layout
+from megatrain.checkpoint import layout
 from tests.convert.conftest import assert_hf_export_matches, convert, debug_config, make_checkpoint, make_hf_llama
 
 transformers = pytest.importorskip("transformers")

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from megatrain import ckpt_layout as layout
+from megatrain.checkpoint import layout
 from megatrain.launch.testing import run_distributed
 from tests.convert.conftest import convert, debug_config, make_checkpoint
 

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatrain import ckpt_layout as layout
+from megatrain.checkpoint import layout
+from megatrain.checkpoint.select import find_checkpoint
 from megatrain.config import Config
 from megatrain.launch.testing import run_distributed
 from tests.convert.conftest import assert_hf_export_matches, convert, make_hf_llama
+from tests.tiny import tiny_run
 
 pytest.importorskip("transformers")
 
@@ -33,10 +35,8 @@ def _train(data: str, tokenizer: str, runs: list[tuple[str, list[str]]]) -> list
     steps = []
     for run_dir, extra in runs:
         cfg = load_config(None, [
-            "model.preset=debug", f"data.path={data}", "data.split=100,0,0", f"data.tokenizer={tokenizer}",
-            f"run.dir={run_dir}", f"train.max_steps={STEPS}", "train.seq_len=32", "train.global_batch_size=4",
-            "train.precision=fp32", "train.resume=never", "logging.interval=1", "eval.steps=0",
-            "eval.sample_tokens=0", "optimizer.lr=3e-3", "schedule.warmup_steps=1", *extra])
+            *tiny_run(data, run_dir, STEPS, f"data.tokenizer={tokenizer}", "train.resume=never",
+                      "schedule.warmup_steps=1", *extra)])
         st = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
         steps.append(train_with(cfg, st, torch.device("cpu")).step)
         dist.barrier()
@@ -67,7 +67,7 @@ def trained(pattern_dataset, tokenizer_path, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_hf_export_of_a_trained_checkpoint(trained, tokenizer_path, tmp_path, name):
-    ckpt = layout.find_resume_checkpoint(trained / name / "checkpoints")
+    ckpt = find_checkpoint(trained / name / "checkpoints", verify="sizes")
     meta, weights = layout.load_canonical_weights(ckpt, verify="full")
     topo = meta["topology"]
     assert meta["step"] == STEPS and not meta["weights_only"]
@@ -81,7 +81,7 @@ def test_hf_export_of_a_trained_checkpoint(trained, tokenizer_path, tmp_path, na
 
 def test_training_continues_from_a_converted_hf_checkpoint(trained):
     _, converted = layout.load_canonical_weights(trained / "from_hf")
-    saved = layout.find_resume_checkpoint(trained / "resumed" / "checkpoints")
+    saved = find_checkpoint(trained / "resumed" / "checkpoints", verify="sizes")
     meta, after = layout.load_canonical_weights(saved)
     assert meta["step"] == 1 and meta["topology"]["tp"] == 2
     assert set(after) == set(converted)

@@ -138,7 +138,7 @@ def torchrun_reference(tmp_path_factory) -> dict[int, float]:
 
 
 def free_port() -> int:
-    from megatrain.distributed import free_port as _free
+    from megatrain.launch.discover import free_port as _free
 
     return _free()
 

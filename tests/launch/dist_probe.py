@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, when run as a file
 
-from megatrain import distributed  # noqa: E402
+from megatrain.launch import preflight, rendezvous  # noqa: E402
 from megatrain.config import DistributedConfig  # noqa: E402
 
 RANK_VARS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
@@ -52,14 +52,14 @@ def main() -> None:
     time.sleep(fault(args.sleep_before_init))
     hang = fault(args.sleep_before_preflight)
     if hang:
-        real = distributed.preflight
-        distributed.preflight = lambda t: (time.sleep(hang), real(t))[1]
+        real = preflight.preflight
+        preflight.preflight = lambda *a, **k: (time.sleep(hang), real(*a, **k))[1]
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     cfg = DistributedConfig(backend="auto", timeout_s=args.timeout, preflight_timeout_s=args.preflight_timeout)
-    info = distributed.init_distributed(cfg, "cpu")
+    info = rendezvous.init_distributed(cfg, "cpu").info
     x = torch.tensor([float(info.rank)])
     dist.all_reduce(x)
     result = {"rank": info.rank, "local_rank": info.local_rank, "world_size": info.world_size,

@@ -4,16 +4,14 @@ import pytest
 import torch
 
 from megatrain.launch.testing import run_distributed
+from tests.tiny import tiny_run
 
 STEPS = 10
 RTOL = 1e-4
 
 
 def _overrides(data: str, run_dir: str) -> list[str]:
-    return ["model.preset=debug", f"data.path={data}", "data.split=100,0,0", f"run.dir={run_dir}",
-            f"train.max_steps={STEPS}", "train.seq_len=32", "train.global_batch_size=4", "train.precision=fp32",
-            "train.resume=never", "logging.interval=1", "eval.steps=0", "eval.sample_tokens=0",
-            "checkpoint.save_at_end=false", "optimizer.lr=3e-3", "schedule.warmup_steps=2"]
+    return tiny_run(data, run_dir, STEPS, "train.resume=never", "checkpoint.save_at_end=false")
 
 
 def _losses(data: str, run_dir: str, extra: list[str]) -> list[float]:

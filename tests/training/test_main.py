@@ -9,6 +9,7 @@ import torch
 from megatrain.launch.testing import run_distributed
 from megatrain.train import main
 from tests.conftest import build_pattern_dataset
+from tests.tiny import tiny_run
 
 BASE = ["model.preset=debug", "train.seq_len=32", "train.max_steps=2", "train.resume=never",
         "eval.steps=0", "eval.sample_tokens=0", "checkpoint.save_at_end=false"]
@@ -119,11 +120,9 @@ def _bf16_vs_fp32(data: str, run_dir: str) -> dict:
 
     out = {}
     for precision in ("fp32", "bf16"):
-        cfg = load_config(None, [f"data.path={data}", "data.split=100,0,0", f"run.dir={run_dir}/{precision}",
-                                 "model.preset=debug", "train.max_steps=20", "train.seq_len=32",
-                                 "train.micro_batch_size=4", f"train.precision={precision}", "train.resume=never",
-                                 "logging.interval=1", "eval.steps=0", "eval.sample_tokens=0",
-                                 "checkpoint.save_at_end=false", "optimizer.lr=3e-3", "schedule.warmup_steps=2"])
+        cfg = load_config(None, tiny_run(data, f"{run_dir}/{precision}", 20, "train.micro_batch_size=4",
+                                         f"train.precision={precision}", "train.resume=never",
+                                         "checkpoint.save_at_end=false"))
         tr = train_with(cfg, ParallelState.build(1, 1), torch.device("cpu"))
         out[precision] = [r["loss"] for r in tr.history if "loss" in r]
     return out

@@ -8,6 +8,7 @@ import torch
 from megatrain.config import ConfigError, load_config
 from megatrain.telemetry.pipe_timing import bubble_fraction
 from megatrain.launch.testing import run_distributed
+from tests.tiny import tiny_run
 
 
 def test_bubble_arithmetic():
@@ -26,11 +27,10 @@ def _history(data: str, run_dir: str) -> list[dict]:
     from megatrain.parallel.state import ParallelState
     from megatrain.train import train_with
 
-    cfg = load_config(None, [
-        "model.preset=debug", f"data.path={data}", "data.split=100,0,0", f"run.dir={run_dir}", "train.max_steps=4",
-        "train.seq_len=32", "train.micro_batch_size=1", "train.global_batch_size=4", "train.precision=fp32",
-        "train.resume=never", "logging.interval=2", "eval.steps=1", "eval.interval=2", "eval.sample_tokens=0",
-        "checkpoint.save_at_end=false", "parallel.pipeline=2", "logging.pipeline_timing=true"])
+    cfg = load_config(None, tiny_run(data, run_dir, 4, "train.micro_batch_size=1", "train.resume=never",
+                                     "logging.interval=2", "eval.steps=1", "eval.interval=2",
+                                     "checkpoint.save_at_end=false", "parallel.pipeline=2",
+                                     "logging.pipeline_timing=true"))
     st = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
     return train_with(cfg, st, torch.device("cpu")).history
 

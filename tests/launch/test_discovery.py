@@ -13,9 +13,12 @@ import time
 
 import pytest
 
-from megatrain import distributed as D
+from megatrain.launch import discover as D
+from megatrain.launch import preflight as P
+from megatrain.launch import rendezvous as R
+from megatrain.launch import text as T
 from megatrain.config import ConfigError, DistributedConfig
-from megatrain.distributed import LaunchError, discover_launch, expand_hostlist, expand_tasks_per_node
+from megatrain.launch.discover import LaunchError, discover_launch, expand_hostlist, expand_tasks_per_node
 
 HOST = socket.gethostname()
 
@@ -79,8 +82,8 @@ def test_expand_tasks_per_node():
 
 
 def test_ranges():
-    assert D._ranges([5, 0, 1, 2, 9, 10]) == "0-2,5,9-10"
-    assert D._ranks([3]) == "rank 3" and D._ranks([1, 2]) == "ranks 1-2"
+    assert T.ranges([5, 0, 1, 2, 9, 10]) == "0-2,5,9-10"
+    assert T.rank_list([3]) == "rank 3" and T.rank_list([1, 2]) == "ranks 1-2"
 
 
 # --------------------------------------------------------------------------- discovery
@@ -130,7 +133,7 @@ def test_slurm_respects_master_overrides():
 def test_single_process(caplog):
     info = discover_launch({})
     assert (info.method, info.rank, info.world_size, info.master_addr) == ("single", 0, 1, "127.0.0.1")
-    with caplog.at_level(logging.WARNING, logger="megatrain.distributed"):
+    with caplog.at_level(logging.WARNING, logger="megatrain.launch"):
         discover_launch({"SLURM_JOB_ID": "5", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"})  # batch shell, no srun
     assert "not started by srun" in caplog.text
 
@@ -261,8 +264,8 @@ def test_mpi_library_mismatch_is_explained(monkeypatch):
 def test_shared_gpu_is_refused():
     dev = {"type": "cuda", "index": 0, "name": "H100", "uuid": "GPU-1", "memory_gib": 80}
     by_host = {"n1": [{"rank": 0, "device": dev}, {"rank": 1, "device": dict(dev)}]}
-    assert "ranks 0 and 1 on n1 use the same GPU" in D._shared_gpus(by_host)
-    assert D._shared_gpus({"n1": [{"rank": 0, "device": {"type": "cpu"}}] * 2}) is None
+    assert "ranks 0 and 1 on n1 use the same GPU" in P._shared_gpus(by_host)
+    assert P._shared_gpus({"n1": [{"rank": 0, "device": {"type": "cpu"}}] * 2}) is None
 
 
 # --------------------------------------------------------------------------- init + preflight
@@ -273,9 +276,10 @@ def test_init_single_process(clean_env, caplog):
 
     cfg = DistributedConfig(backend="auto", timeout_s=30, preflight_timeout_s=10)
     try:
-        with caplog.at_level(logging.INFO, logger="megatrain.distributed"):
-            info = D.init_distributed(cfg, "cpu")
-            D.preflight(5)  # a second preflight uses fresh keys
+        with caplog.at_level(logging.INFO, logger="megatrain.launch"):
+            launch = R.init_distributed(cfg, "cpu")
+            launch.preflight(5)  # a second preflight uses fresh keys
+        info = launch.info
         assert dist.is_initialized() and dist.get_world_size() == 1 and dist.get_backend() == "gloo"
         assert info.method == "single" and info.master_port > 0
         assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
@@ -288,7 +292,7 @@ def test_init_single_process(clean_env, caplog):
 
 def test_nccl_on_cpu_is_a_config_error(clean_env):
     with pytest.raises(ConfigError, match="distributed.backend=nccl"):
-        D.init_distributed(DistributedConfig(backend="nccl"), "cpu")
+        R.init_distributed(DistributedConfig(backend="nccl"), "cpu")
 
 
 def test_preflight_needs_a_process_group():
@@ -296,7 +300,7 @@ def test_preflight_needs_a_process_group():
 
     assert not dist.is_initialized()
     with pytest.raises(LaunchError, match="init_distributed first"):
-        D.preflight(1)
+        P.preflight(1)
 
 
 def test_missing_rank0_ends_within_timeout(clean_env):
@@ -304,7 +308,7 @@ def test_missing_rank0_ends_within_timeout(clean_env):
     clean_env.update({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     t0 = time.monotonic()
     with pytest.raises(LaunchError) as e:
-        D.init_distributed(DistributedConfig(timeout_s=2, preflight_timeout_s=2), "cpu")
+        R.init_distributed(DistributedConfig(timeout_s=2, preflight_timeout_s=2), "cpu")
     assert time.monotonic() - t0 < 10
     assert f"rank 1 on {HOST} could not reach rank 0's rendezvous at 127.0.0.1:{port}" in str(e.value)
 
@@ -316,7 +320,7 @@ def test_busy_master_port_is_explained(clean_env):
         port = busy.getsockname()[1]
         clean_env.update({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
         with pytest.raises(LaunchError, match=f"could not open the rendezvous port {port}.*set MASTER_PORT"):
-            D.init_distributed(DistributedConfig(timeout_s=2, preflight_timeout_s=2), "cpu")
+            R.init_distributed(DistributedConfig(timeout_s=2, preflight_timeout_s=2), "cpu")
 
 
 def test_missing_rank_is_named_within_timeout(clean_env):
@@ -324,5 +328,5 @@ def test_missing_rank_is_named_within_timeout(clean_env):
     t0 = time.monotonic()
     with pytest.raises(LaunchError, match=r"ranks 1-2 of 3 did not join the rendezvous .* within "
                                           r"distributed.timeout_s=1.5s \(1 did\)"):
-        D.init_distributed(DistributedConfig(timeout_s=1.5, preflight_timeout_s=2), "cpu")
+        R.init_distributed(DistributedConfig(timeout_s=1.5, preflight_timeout_s=2), "cpu")
     assert time.monotonic() - t0 < 8

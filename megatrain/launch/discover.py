@@ -1,6 +1,6 @@
-"""Who am I, who are the others, and can we talk: launch discovery, process-group init, preflight.
+"""Who am I and who are the others: the launch environment turned into one :class:`LaunchInfo`.
 
-megatrain is started three ways and this module turns each into one :class:`LaunchInfo`:
+megatrain is started three ways:
 
 * **torchrun / the deepspeed launcher** (or any launcher that exports ``RANK``, ``WORLD_SIZE``,
   ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): the variables are taken as they are.
@@ -10,23 +10,19 @@ megatrain is started three ways and this module turns each into one :class:`Laun
 * **mpirun** (OpenMPI, MPICH, MVAPICH): ranks come from mpi4py, which is imported only then;
   rank 0's address and a free port are broadcast over MPI.
 
-:func:`init_distributed` then exports the variables DeepSpeed reads, picks the GPU, runs our own
-rendezvous on a TCPStore (so a rank that never shows up is *named* when the timeout expires),
-initialises ``torch.distributed`` on that store and runs :func:`preflight`.
+:func:`megatrain.launch.rendezvous.init_distributed` then joins the ranks into a process group and
+:mod:`megatrain.launch.preflight` checks that they can talk.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import faulthandler
-import json
 import logging
 import os
 import re
 import socket
-import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Mapping, Optional
 
 logger = logging.getLogger(__name__)
@@ -46,7 +42,6 @@ _MPI_FLAVOURS = {
 # Ports below the Linux ephemeral range (32768+) so a derived port rarely collides with an
 # outgoing connection; 10000-29999.
 _SLURM_PORT_BASE, _SLURM_PORT_SPAN = 10000, 20000
-_KEY = "megatrain/"  # prefix of our keys in the rendezvous store
 
 
 class LaunchError(RuntimeError):
@@ -295,7 +290,9 @@ def _single(env: dict) -> LaunchInfo:
 
 # --------------------------------------------------------------------------- MPI
 
-_MPI_FOUND: list[LaunchInfo] = []  # this process's MPI launch, once discovered
+# This process's MPI launch, once discovered: MPI is initialised once per process and finalised after
+# discovery, so the answer is a fact of the process (the one cache of process-wide state here).
+_MPI_FOUND: list[LaunchInfo] = []
 
 
 def _import_mpi(flavour: str) -> Any:
@@ -435,317 +432,3 @@ def _validate(info: LaunchInfo) -> None:
                           f"{lw}={info.local_world_size} {where}; fix the launcher's variables")
     if not 0 <= info.master_port <= 65535 or (info.master_port == 0 and info.world_size > 1):
         raise LaunchError(f"MASTER_PORT={info.master_port} {where} is not a usable TCP port; choose one in 1024-65535")
-
-
-# --------------------------------------------------------------------------- init
-
-# This process's rendezvous store and host name: preflight() reads them. One process has one
-# default process group, so one slot is enough.
-_STATE: dict[str, Any] = {"store": None, "hostname": None, "preflights": 0}
-
-
-def init_distributed(dist_cfg: Any, device_type: str) -> LaunchInfo:
-    """Discover the launch, export RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* for DeepSpeed, pick the GPU,
-    rendezvous (naming ranks that never join), init torch.distributed, run :func:`preflight`.
-
-    ``dist_cfg`` is a :class:`megatrain.config.DistributedConfig`; ``device_type`` is "cuda" or "cpu".
-    """
-    import torch.distributed as dist
-
-    info = discover_launch(os.environ, float(dist_cfg.timeout_s))
-    backend = _pick_backend(dist_cfg.backend, device_type)
-    device_index = _pick_device(info, device_type)
-    _STATE["hostname"] = info.hostname
-    if dist.is_initialized():
-        if (dist.get_rank(), dist.get_world_size()) != (info.rank, info.world_size):
-            raise LaunchError(f"torch.distributed is already initialised as rank {dist.get_rank()} of "
-                              f"{dist.get_world_size()}, but the launch says rank {info.rank} of {info.world_size}")
-        logger.warning("torch.distributed was already initialised by someone else; reusing it")
-    else:
-        store = _rendezvous(info, float(dist_cfg.timeout_s))
-        _export_env(info, device_index)
-        extra: dict[str, Any] = {}
-        if backend == "nccl":
-            import torch
-
-            extra["device_id"] = torch.device("cuda", device_index)  # eager NCCL init: errors surface here
-        dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size,
-                                timeout=timedelta(seconds=float(dist_cfg.timeout_s)), **extra)
-    # after the rendezvous: a single process's port is the one the kernel chose, not "<free port>"
-    logger.info("launch: %s; backend %s", info.describe(), backend)
-    preflight(float(dist_cfg.preflight_timeout_s))
-    return info
-
-
-def _pick_backend(requested: str, device_type: str) -> str:
-    import torch.distributed as dist
-    from megatrain.config import ConfigError
-
-    backend = ("nccl" if device_type == "cuda" else "gloo") if requested == "auto" else requested
-    if backend == "nccl" and device_type != "cuda":
-        raise ConfigError(f"distributed.backend=nccl needs CUDA devices but this run uses {device_type!r}; "
-                          f"use distributed.backend=auto or gloo")
-    if backend == "nccl" and not dist.is_nccl_available():
-        raise ConfigError("distributed.backend=nccl but this torch build has no NCCL; install a CUDA build of torch")
-    if backend == "gloo" and not dist.is_gloo_available():
-        raise ConfigError("distributed.backend=gloo but this torch build has no gloo; use distributed.backend=nccl")
-    if backend not in ("nccl", "gloo"):
-        raise ConfigError(f"distributed.backend={requested!r}: choose one of auto, nccl, gloo")
-    return backend
-
-
-def _pick_device(info: LaunchInfo, device_type: str) -> Optional[int]:
-    """The CUDA device of this rank: its local rank, or 0 when each task sees exactly one GPU."""
-    if device_type != "cuda":
-        return None
-    import torch
-
-    visible = torch.cuda.device_count()
-    cvd = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
-    if visible == 0:
-        raise LaunchError(f"this run wants CUDA but {info.hostname} shows no GPU (CUDA_VISIBLE_DEVICES={cvd}); "
-                          f"request GPUs from the scheduler or run on CPU")
-    if visible >= info.local_world_size:
-        index = info.local_rank
-    elif visible == 1:
-        index = 0  # Slurm --gpus-per-task=1 (or a wrapper) gave each task its own single GPU
-    else:
-        raise LaunchError(f"{info.local_world_size} processes on {info.hostname} but only {visible} GPUs visible "
-                          f"(CUDA_VISIBLE_DEVICES={cvd}); start at most one process per GPU "
-                          f"(--ntasks-per-node={visible}, --nproc-per-node={visible})")
-    torch.cuda.set_device(index)
-    return index
-
-
-def _export_env(info: LaunchInfo, device_index: Optional[int]) -> None:
-    # DeepSpeed reads these; LOCAL_RANK is also what it passes to set_device, so it must be the
-    # device index this process uses, which differs from the local rank with one GPU per task.
-    os.environ.update({
-        "RANK": str(info.rank), "WORLD_SIZE": str(info.world_size),
-        "LOCAL_RANK": str(device_index if device_index is not None else info.local_rank),
-        "LOCAL_WORLD_SIZE": str(info.local_world_size),
-        "MASTER_ADDR": info.master_addr, "MASTER_PORT": str(info.master_port),
-    })
-
-
-def _rendezvous(info: LaunchInfo, timeout_s: float) -> Any:
-    """Open rank 0's TCPStore and wait until every rank has checked in, or name the ones that did not."""
-    import torch.distributed as dist
-
-    # torchrun's agent already serves a store on MASTER_PORT; rank 0 joins it as a client, and
-    # keys go under the restart attempt so a restarted worker group never sees stale ones.
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    is_master = info.rank == 0 and not agent_store
-    try:
-        store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master,
-                              timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
-    except Exception as e:  # noqa: BLE001 - DistNetworkError / RuntimeError, re-raised with advice
-        if is_master:
-            raise LaunchError(f"rank 0 could not open the rendezvous port {info.master_port} on {info.hostname} "
-                              f"({_first_line(e)}); another job may hold it: set MASTER_PORT to a free port") from None
-        raise LaunchError(f"rank {info.rank} on {info.hostname} could not reach rank 0's rendezvous at "
-                          f"{info.master_addr}:{info.master_port} within distributed.timeout_s={timeout_s:g}s "
-                          f"({_first_line(e)}): rank 0 did not start or died, or MASTER_ADDR/MASTER_PORT point "
-                          f"elsewhere, or a firewall blocks the port") from None
-    if info.master_port == 0:
-        info.master_port = store.port  # single process: the kernel chose a free port
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.PrefixStore(f"{_KEY}attempt_{attempt}/", store)
-    _STATE["store"] = store
-    if info.world_size > 1:
-        _wait_for_ranks(store, info, timeout_s)
-    return store
-
-
-def _wait_for_ranks(store: Any, info: LaunchInfo, timeout_s: float) -> None:
-    joined = [f"{_KEY}joined/{r}" for r in range(info.world_size)]
-    verdict = f"{_KEY}rendezvous"
-    store.set(joined[info.rank], json.dumps({"host": info.hostname, "pid": os.getpid()}))
-    if info.rank != 0:
-        try:
-            store.wait([verdict], timedelta(seconds=timeout_s + 5))
-            answer = store.get(verdict).decode()
-        except Exception as e:  # noqa: BLE001
-            raise LaunchError(f"rank {info.rank}: rank 0 did not confirm the rendezvous at {info.master_addr}:"
-                              f"{info.master_port} within {timeout_s:g}s ({_first_line(e)}); see rank 0's log"
-                              ) from None
-        if answer != "ok":
-            raise LaunchError(answer)
-        return
-    deadline = time.monotonic() + timeout_s
-    while not store.check(joined):
-        if time.monotonic() > deadline:
-            missing = [r for r in range(info.world_size) if not store.check([joined[r]])]
-            message = (f"{_ranks(missing)} of {info.world_size} did not join the rendezvous at "
-                       f"{info.master_addr}:{info.master_port} within distributed.timeout_s={timeout_s:g}s "
-                       f"({info.world_size - len(missing)} did). Check that they started (their logs), that "
-                       f"{info.master_addr} is reachable from their hosts, and that all were given the same "
-                       f"MASTER_ADDR/MASTER_PORT")
-            store.set(verdict, message)
-            raise LaunchError(message)
-        time.sleep(0.05)
-    store.set(verdict, "ok")
-    logger.info("rendezvous: all %d ranks joined at %s:%d", info.world_size, info.master_addr, info.master_port)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
-
-
-def _ranks(values: list[int]) -> str:
-    return f"rank{'s' if len(values) > 1 else ''} {_ranges(values)}"
-
-
-def _ranges(values: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5' (a thousand missing ranks stay one line)."""
-    out, values = [], sorted(values)
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
-# --------------------------------------------------------------------------- preflight
-
-
-def preflight(timeout_s: float) -> None:
-    """A small all-reduce that must finish within ``timeout_s``, then a hosts/devices report on rank 0.
-
-    Every rank first records (host, device) in the rendezvous store, so when the all-reduce times
-    out or fails the message can say which ranks never arrived, or that all arrived and the
-    backend itself is broken. Also refuses two ranks sharing one GPU.
-    """
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        raise LaunchError("preflight needs torch.distributed to be initialised; call init_distributed first")
-    rank, world, backend = dist.get_rank(), dist.get_world_size(), str(dist.get_backend())
-    store = _STATE["store"] or _default_store()
-    _STATE["preflights"] += 1
-    prefix = f"{_KEY}preflight/{_STATE['preflights']}/"
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    me = {"rank": rank, "host": _STATE["hostname"] or socket.gethostname(), "device": _describe_device(device)}
-    store.set(prefix + str(rank), json.dumps(me))
-    x = torch.tensor([float(rank + 1)], dtype=torch.float64, device=device)
-    t0 = time.monotonic()
-    group = None
-    try:
-        if backend == "gloo":
-            # A gloo op left pending on the default group blocks interpreter exit until
-            # distributed.timeout_s; on a group with the preflight timeout a failed check exits at once.
-            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-        dist.all_reduce(x, group=group, async_op=True).wait(timeout=timedelta(seconds=timeout_s))
-        total = float(x.item())  # .item() also waits for the device
-    except Exception as e:  # noqa: BLE001 - turned into a message that names ranks
-        message = _preflight_failure(store, prefix, world, backend, timeout_s, e)
-        if backend == "nccl":
-            _abort_default_group()
-        raise LaunchError(message) from None
-    if group is not None:
-        dist.destroy_process_group(group)
-    elapsed_ms = (time.monotonic() - t0) * 1000
-    if total != world * (world + 1) / 2:
-        raise LaunchError(f"preflight all-reduce over {backend} returned {total} instead of {world * (world + 1) / 2}: "
-                          f"the backend corrupts data; check the network / NCCL settings (NCCL_DEBUG=INFO)")
-    _check_report(store, prefix, rank, world, backend, elapsed_ms, timeout_s)
-
-
-def _abort_default_group() -> None:
-    """Tear NCCL down now: a collective stuck on a missing rank would otherwise block exit."""
-    try:
-        from torch.distributed import distributed_c10d
-
-        distributed_c10d._abort_process_group()
-    except Exception:  # noqa: BLE001 - best effort; the error we are about to raise matters more
-        logger.debug("could not abort the NCCL process group", exc_info=True)
-
-
-def _default_store() -> Any:
-    from torch.distributed import distributed_c10d
-
-    return distributed_c10d._get_default_store()  # only when someone else initialised the group
-
-
-def _describe_device(device: Any) -> dict:
-    if device.type != "cuda":
-        return {"type": "cpu"}
-    import torch
-
-    props = torch.cuda.get_device_properties(device)
-    uuid = str(getattr(props, "uuid", "")) or f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')}:{device.index}"
-    return {"type": "cuda", "index": device.index, "name": props.name, "uuid": uuid,
-            "memory_gib": round(props.total_memory / 2**30, 1)}
-
-
-def _preflight_failure(store: Any, prefix: str, world: int, backend: str, timeout_s: float, e: BaseException) -> str:
-    try:
-        missing = [r for r in range(world) if not store.check([prefix + str(r)])]
-    except Exception:  # noqa: BLE001 - the store lives in rank 0: unreachable means rank 0 is gone
-        return (f"preflight all-reduce over {backend} failed ({_first_line(e)}) and rank 0's store is unreachable: "
-                f"rank 0 died; see its log")
-    if missing:
-        return (f"preflight all-reduce over {backend} did not finish within distributed.preflight_timeout_s="
-                f"{timeout_s:g}s: {_ranks(missing)} of {world} never reached it (they joined the "
-                f"rendezvous, then hung or crashed; see their logs). Error: {_first_line(e)}")
-    hint = ("set NCCL_DEBUG=INFO and check NCCL_SOCKET_IFNAME / NCCL_IB_HCA (the interfaces the hosts share)"
-            if backend == "nccl" else "set GLOO_SOCKET_IFNAME to an interface every host can reach")
-    return (f"preflight all-reduce over {backend} failed although all {world} ranks reached it, so the backend "
-            f"cannot move data between them ({_first_line(e)}); {hint}")
-
-
-def _check_report(store: Any, prefix: str, rank: int, world: int, backend: str, ms: float, timeout_s: float) -> None:
-    """Rank 0 reads everyone's (host, device), checks for shared GPUs, tells the others, logs a report."""
-    verdict = prefix + "verdict"
-    if rank != 0:
-        try:
-            store.wait([verdict], timedelta(seconds=timeout_s))
-            answer = store.get(verdict).decode()
-        except Exception as e:  # noqa: BLE001
-            raise LaunchError(f"rank {rank}: rank 0 did not finish the preflight report within {timeout_s:g}s "
-                              f"({_first_line(e)}); see rank 0's log") from None
-        if answer != "ok":
-            raise LaunchError(answer)
-        return
-    entries = [json.loads(v) for v in store.multi_get([prefix + str(r) for r in range(world)])]
-    by_host: dict[str, list[dict]] = {}
-    for entry in entries:
-        by_host.setdefault(entry["host"], []).append(entry)
-    problem = _shared_gpus(by_host)
-    store.set(verdict, problem or "ok")
-    if problem:
-        raise LaunchError(problem)
-    logger.info("preflight ok: %d rank(s) on %d host(s), %s all-reduce in %.1f ms",
-                world, len(by_host), backend, ms)
-    for i, (host, items) in enumerate(sorted(by_host.items())):
-        if i == 16:
-            logger.info("  ... and %d more hosts", len(by_host) - 16)
-            break
-        logger.info("  %s: ranks %s; %s", host, _ranges([e["rank"] for e in items]), _devices_line(items))
-
-
-def _shared_gpus(by_host: dict[str, list[dict]]) -> Optional[str]:
-    for host, items in by_host.items():
-        seen: dict[str, int] = {}
-        for e in items:
-            uuid = e["device"].get("uuid")
-            if uuid and uuid in seen:
-                return (f"ranks {seen[uuid]} and {e['rank']} on {host} use the same GPU ({e['device']['name']}, "
-                        f"cuda:{e['device']['index']}): LOCAL_RANK / CUDA_VISIBLE_DEVICES are wrong; start one "
-                        f"process per GPU")
-            if uuid:
-                seen[uuid] = e["rank"]
-    return None
-
-
-def _devices_line(items: list[dict]) -> str:
-    devices = [e["device"] for e in items]
-    if all(d["type"] == "cpu" for d in devices):
-        return "cpu"
-    names = sorted({f"{d['name']} ({d['memory_gib']} GiB)" for d in devices if d["type"] == "cuda"})
-    return f"cuda:{_ranges([d['index'] for d in devices if d['type'] == 'cuda'])} " + ", ".join(names)

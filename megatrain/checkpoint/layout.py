@@ -1,4 +1,4 @@
-"""The on-disk layout of a megatrain checkpoint: names, atomic writes, integrity, discovery.
+"""The on-disk layout of a megatrain checkpoint: names, model shards, meta, manifest, completion.
 
 Torch-free formats only (safetensors for tensors, JSON for everything else), so that a
 checkpoint can be inspected, verified and converted without unpickling anything::
@@ -19,18 +19,18 @@ temporary name and renamed, so a crash leaves either the old file or the new one
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 import torch
+
+from megatrain.files import atomic_path, atomic_write_bytes, atomic_write_json, replace_dir, sha256_files
 
 log = logging.getLogger(__name__)
 
@@ -73,51 +73,7 @@ def shard_path(ckpt_dir: PathLike, tp_rank: int, pp_rank: int) -> Path:
     return Path(ckpt_dir) / MODEL_DIR / f"tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors"
 
 
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some file systems do not let a directory be opened; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def file_in_the_way(path: PathLike) -> Optional[Path]:
-    """The regular file at ``path`` or at its nearest existing ancestor, which would stop ``path`` from being
-    created as a directory; None when nothing is in the way."""
-    path = Path(path).absolute()
-    for p in (path, *path.parents):
-        if p.exists():
-            return None if p.is_dir() else p
-    return None
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+# --------------------------------------------------------------------------- reading
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -136,7 +92,7 @@ def _read_json(path: Path, what: str) -> Any:
 def write_model_shard(ckpt_dir: PathLike, tp_rank: int, pp_rank: int, tensors: dict[str, torch.Tensor],
                       tp: int, pp: int) -> None:
     """Write one (tp_rank, pp_rank) shard: canonical names -> this rank's TP slices, in safetensors."""
-    from megatrain.file_modes import save_safetensors
+    from megatrain.files import save_safetensors
 
     if not (0 <= tp_rank < tp and 0 <= pp_rank < pp):
         raise ValueError(f"shard (tp_rank={tp_rank}, pp_rank={pp_rank}) outside tp={tp}, pp={pp}")
@@ -144,11 +100,8 @@ def write_model_shard(ckpt_dir: PathLike, tp_rank: int, pp_rank: int, tensors: d
     path.parent.mkdir(parents=True, exist_ok=True)
     data = _cpu_unshared(tensors)
     meta = {"tp_rank": str(tp_rank), "pp_rank": str(pp_rank), "tp": str(tp), "pp": str(pp), "format": "pt"}
-    tmp = _tmp_name(path)
-    save_safetensors(data, tmp, metadata=meta)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=True) as tmp:
+        save_safetensors(data, tmp, metadata=meta)
 
 
 def _cpu_unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -238,14 +191,6 @@ def model_config_of(meta: dict, ckpt_dir: PathLike = "") -> Any:
 # --------------------------------------------------------------------------- manifest
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _payload_files(ckpt_dir: Path) -> list[str]:
     out = []
     for root, _, files in os.walk(ckpt_dir):
@@ -256,17 +201,11 @@ def _payload_files(ckpt_dir: Path) -> list[str]:
     return sorted(out)
 
 
-def _hash_many(ckpt_dir: Path, rels: list[str]) -> list[str]:
-    # hashlib releases the GIL on large buffers: threads overlap reading and hashing of big shards.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda r: _sha256(ckpt_dir / r), rels))
-
-
 def write_manifest(ckpt_dir: PathLike) -> None:
     """Record size and SHA-256 of every file in the checkpoint (but the manifest and COMPLETE)."""
     ckpt_dir = Path(ckpt_dir)
     rels = _payload_files(ckpt_dir)
-    digests = _hash_many(ckpt_dir, rels)
+    digests = sha256_files([ckpt_dir / r for r in rels])
     files = {r: {"size": (ckpt_dir / r).stat().st_size, "sha256": d} for r, d in zip(rels, digests)}
     atomic_write_json(ckpt_dir / MANIFEST, {"files": files})
 
@@ -293,7 +232,7 @@ def verify_manifest(ckpt_dir: PathLike, level: str = "sizes") -> None:
                                   f"or was modified, use another checkpoint")
     if level == "full":
         rels = sorted(files)
-        for rel, digest in zip(rels, _hash_many(ckpt_dir, rels)):
+        for rel, digest in zip(rels, sha256_files([ckpt_dir / r for r in rels])):
             if digest != files[rel]["sha256"]:
                 raise CheckpointError(f"{ckpt_dir / rel}: SHA-256 differs from {MANIFEST}; the file is corrupt, "
                                       f"use another checkpoint")
@@ -328,47 +267,6 @@ def list_checkpoints(ckpt_root: PathLike, complete_only: bool = True) -> list[Pa
     found = [(step_of_tag(p.name), p) for p in ckpt_root.iterdir() if p.is_dir()]
     found = [(s, p) for s, p in found if s is not None and (not complete_only or is_complete(p))]
     return [p for _, p in sorted(found)]
-
-
-def find_resume_checkpoint(ckpt_root: PathLike) -> Optional[Path]:
-    """The checkpoint ``latest`` names if it is complete, else the newest complete one (with a warning)."""
-    ckpt_root = Path(ckpt_root)
-    if not ckpt_root.is_dir():
-        return None
-    latest_file = ckpt_root / LATEST
-    named = latest_file.read_text().strip() if latest_file.is_file() else None
-    if named and is_complete(ckpt_root / named):
-        return ckpt_root / named
-    done = list_checkpoints(ckpt_root)
-    if not done:
-        if named or list_checkpoints(ckpt_root, complete_only=False):
-            log.warning("%s: no complete checkpoint (directories without %s are interrupted saves)", ckpt_root,
-                        COMPLETE)
-        return None
-    why = f"{latest_file} names {named!r}, which is missing or incomplete" if named else f"{latest_file} is missing"
-    log.warning("%s; using the newest complete checkpoint %s instead", why, done[-1])
-    return done[-1]
-
-
-def resolve_checkpoint_dir(path: PathLike) -> Path:
-    """A checkpoint directory from a step directory, a checkpoints root or a run directory."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory; pass a checkpoint directory (RUN_DIR/checkpoints/step_N), "
-                              f"a checkpoints directory or a run directory")
-    if (path / META).is_file() or is_complete(path) or (path / MODEL_DIR).is_dir():
-        return path
-    for root in (path, path / "checkpoints"):
-        if (root / LATEST).is_file() or list_checkpoints(root, complete_only=False):
-            found = find_resume_checkpoint(root)
-            if found is None:
-                raise CheckpointError(f"{root}: holds no complete checkpoint (every step_* directory lacks "
-                                      f"{COMPLETE}: the saves were interrupted)")
-            return found
-    raise CheckpointError(f"{path}: not a megatrain checkpoint (no {META}, no {LATEST}, no step_* directories); "
-                          f"pass RUN_DIR, RUN_DIR/checkpoints or RUN_DIR/checkpoints/step_N")
 
 
 # --------------------------------------------------------------------------- loading
@@ -601,14 +499,3 @@ def write_weights_only_checkpoint(out_dir: PathLike, config: dict, full_sd: dict
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished directory into place; an existing one is moved aside first and removed after."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()

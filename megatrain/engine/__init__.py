@@ -1,0 +1,8 @@
+"""The DeepSpeed side of megatrain: the DeepSpeed config (``ds_config``), the engine around the
+model (``build``), and every use of DeepSpeed's private internals (``internals``)."""
+
+from megatrain.engine.build import Built, build_ctx, build_engine, build_partitioned_model, build_pipeline_module
+from megatrain.engine.ds_config import build_ds_config, load_template
+
+__all__ = ["Built", "build_ctx", "build_ds_config", "build_engine", "build_partitioned_model",
+           "build_pipeline_module", "load_template"]

@@ -28,11 +28,17 @@ log = logging.getLogger(__name__)
 SHM_OP = "deepspeed_shm_comm"
 
 
-def use_cpu_accelerator(device_type: str) -> None:
-    """Tell DeepSpeed the accelerator before it guesses (and warns) at import; a user's own
-    ``DS_ACCELERATOR`` wins."""
+def use_cpu_accelerator(device_type: Optional[str] = None) -> None:
+    """Tell DeepSpeed the accelerator before it guesses (and warns) at import: "cpu" when this run
+    uses the CPU (``device_type``, default: no CUDA device visible). A user's own ``DS_ACCELERATOR`` wins."""
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    if device_type is None:
+        import torch
+
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def _build_dir(op_name: str) -> Optional[Path]:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatrain.engine import internals
 from megatrain.model.generate import NextLogits, Sampling, generate_rows, model_next_logits
 from megatrain.parallel.mappings import gather_from_tp
 
@@ -32,8 +33,10 @@ def pipeline_next_logits(engine: Any, st: Any, micro_batch: int, seq_len: int, v
             tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long)  # (mb, T), right-padded
             for i, r in enumerate(chunk):
                 tokens[i, :len(r)] = torch.tensor(r)
+            internals.clear_pipeline_loss_total(engine)
             _, logits = engine.eval_batch(iter([(tokens, torch.zeros_like(tokens))]), return_logits=True,
                                           compute_loss=False, bcast_loss=False, num_micro_batches=1)
+            internals.clear_pipeline_loss_total(engine)
             picked = torch.zeros(len(chunk), vocab, device=device)  # (R, V)
             if st.is_last_stage:
                 full = gather_from_tp(logits, st.tp_group).float()  # (mb, T, V)

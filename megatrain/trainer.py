@@ -260,5 +260,7 @@ class Trainer:
         outs = sample_texts(self.built, self.st, self.cfg, self.tokenizer, self.device, self.cfg.train.seed + self.step)
         for text in outs:
             log.info("sample @ step %d: %r", self.step, text)
-        self.metrics.write({"step": self.step, "samples": outs})
+        rec = {"step": self.step, "samples": outs}
+        self.metrics.write(rec)
+        self.history.append(rec)
         return outs

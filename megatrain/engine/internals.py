@@ -38,6 +38,13 @@ def disable_op(op_name: str) -> None:
     deepspeed.ops.__compatible_ops__[op_name] = False
 
 
+def clear_pipeline_loss_total(engine: Any) -> None:
+    """Empty the pipeline engine's running ``total_loss``. ``train_batch`` clears it when it starts but
+    ``eval_batch`` does not, so an ``eval_batch(compute_loss=False)`` after training adds its logits
+    to the last training loss (a shape error); inference for text samples clears it around the call."""
+    engine.total_loss = None
+
+
 def op_compatible(op_name: str) -> bool:
     import deepspeed.ops
 

@@ -50,3 +50,36 @@ def test_the_users_config_file_in_run_dir_is_never_overwritten(capsys, tmp_path,
     resolved = load_config(run / "config.resolved.yaml")
     assert resolved.data.path == pattern_dataset and resolved.train.max_steps == 1
     assert "is the --config file: left as it is" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- text samples under PP
+
+
+def _samples(data: str, run_dir: str, tokenizer: str, extra: list[str]) -> list[str]:
+    import torch
+    import torch.distributed as dist
+
+    from megatrain.parallel.state import ParallelState
+    from megatrain.train import train_with
+    from tests.tiny import tiny_run
+
+    cfg = load_config(None, tiny_run(data, run_dir, 2, "train.resume=never", "checkpoint.save_at_end=false",
+                                     "model.init_std=0.1", f"data.tokenizer={tokenizer}", "eval.sample_tokens=10",
+                                     'eval.prompts=["Kalo mi", "The"]', "eval.top_p=0", *extra))
+    tr = train_with(cfg, ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline), torch.device("cpu"))
+    dist.barrier()
+    return [r["samples"] for r in tr.history if "samples" in r]
+
+
+def test_text_samples_under_pipeline_parallelism_match_the_plain_model(pattern_dataset, tmp_path):
+    # They were skipped under PP ("text samples are skipped under pipeline parallelism"). The tokenizer has
+    # 300 pieces and the model 512 rows: the padded ids must never be drawn either (SentencePiece would raise).
+    from megatrain.launch.testing import run_distributed
+    from tests.convert.conftest import train_tiny_tokenizer
+
+    tok = str(train_tiny_tokenizer(tmp_path / "tok", 300))
+    plain = run_distributed(_samples, 1, pattern_dataset, str(tmp_path / "pp1"), tok, ["train.micro_batch_size=2"])[0]
+    piped = run_distributed(_samples, 2, pattern_dataset, str(tmp_path / "pp2"), tok,
+                            ["train.micro_batch_size=2", "parallel.pipeline=2"])
+    assert plain and len(plain[-1]) == 2 and plain[-1][0].startswith("Kalo mi")
+    assert piped[0] == piped[1] == plain  # every stage holds the same text, the plain model's

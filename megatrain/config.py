@@ -163,6 +163,13 @@ class ScheduleConfig:
     decay: str = _f("cosine", "cosine | linear | constant | wsd")
     decay_steps: Optional[int] = _f(None, "steps from the start to the end of decay; None means train.max_steps", POSITIVE)
     wsd_decay_fraction: float = _f(0.2, "wsd: the final fraction of decay_steps spent cooling down linearly", FRACTION)
+    on_extend: str = _f("refuse", "resuming with a later horizon (train.max_steps or decay_steps raised): refuse | "
+                                  "continue (the LR goes on from where it is down to min_lr at the new end: no jump) "
+                                  "| rewarm (back up to the peak over warmup_steps, then the decay to the new end)")
+    extend_step: Optional[int] = _f(None, "set by an extension, not by hand: the step from which the LR follows it",
+                                    NON_NEGATIVE)
+    extend_lr: Optional[float] = _f(None, "set by an extension: the LR at extend_step", NON_NEGATIVE)
+    extend_mode: Optional[str] = _f(None, "set by an extension: continue | rewarm")
 
 
 @dataclass
@@ -196,6 +203,8 @@ class EvalConfig:
 
     interval: int = _f(0, "evaluate on the valid split every N steps (0 = only at the end)", NON_NEGATIVE)
     steps: int = _f(10, "micro-batches per evaluation", NON_NEGATIVE)
+    only: bool = _f(False, "evaluate the run's checkpoint (valid, test, eval.datasets) and exit; --eval-only")
+    datasets: list = _f([], "more dataset prefixes to evaluate on (eval.steps micro-batches each, from the start)")
     sample_interval: int = _f(0, "print generated text every N steps (0 = only at the end)", NON_NEGATIVE)
     prompts: list = _f(["The "], "prompts for text samples")
     sample_tokens: int = _f(32, "tokens generated per prompt", NON_NEGATIVE)
@@ -524,6 +533,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     bad = [x for x in cfg.eval.prompts if not isinstance(x, str)]
     if bad:
         raise ConfigError(f"eval.prompts: every prompt must be a string, got {bad!r}; quote them in YAML")
+    if not all(isinstance(x, str) and x for x in cfg.eval.datasets):
+        raise ConfigError(f"eval.datasets={cfg.eval.datasets!r}: a list of dataset prefixes (PATH for PATH.bin/.idx)")
     _check_partition(p.pipeline_partition)
     _check_run_dir(cfg.run.dir)
     if m.num_heads % p.tensor:
@@ -545,6 +556,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
     _choice("train.fused_kernels", t.fused_kernels, ("auto", "triton", "torch"))
     _choice("schedule.decay", cfg.schedule.decay, ("cosine", "linear", "constant", "wsd"))
+    _choice("schedule.on_extend", cfg.schedule.on_extend, ("refuse", "continue", "rewarm"))
+    if cfg.schedule.extend_step is not None and (cfg.schedule.extend_lr is None
+                                                 or cfg.schedule.extend_mode not in ("continue", "rewarm")):
+        raise ConfigError("schedule.extend_step is set without schedule.extend_lr and extend_mode (continue | rewarm): "
+                          "these are written by megatrain when a run is extended; remove all three")
     _choice("deepspeed.offload", cfg.deepspeed.offload, ("none", "optimizer", "all"))
     _choice("checkpoint.verify", cfg.checkpoint.verify, ("off", "sizes", "full"))
     _choice("data.verify", cfg.data.verify, ("sizes", "full"))

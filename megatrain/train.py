@@ -53,10 +53,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="print the resolved config, batch arithmetic, parameters, FLOPs and memory; touch nothing")
     p.add_argument("--world-size", type=int, default=None, help="dry run: assume this many processes")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate the run's checkpoint on the valid and test splits and eval.datasets (loss, "
+                        "perplexity, to metrics.jsonl), then exit: eval.only=true")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args, unknown = p.parse_known_args(argv)
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     args.overrides += [u for u in unknown if not u.startswith("--local_rank")]
+    if args.eval_only:
+        args.overrides.append("eval.only=true")
     bad = [u for u in args.overrides if u.startswith("--")]
     if bad:
         p.error(f"unknown option(s) {bad}; config keys are written without dashes: key=value")
@@ -75,6 +80,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from megatrain.telemetry.logs import setup_logging
 
     args = parse_args(argv)
+    from megatrain.checkpoint import compat
+
+    compat.COMMAND_ARGS = list(sys.argv[1:] if argv is None else argv)  # for "run this next" hints
     setup_logging()
     if args.help_config:
         from megatrain.config import describe_fields
@@ -149,12 +157,13 @@ def train_with(cfg, st, device, user_config: Optional[str] = None):
     datasets, fingerprints = _build_datasets(cfg, st, plan, tokenizer)
     run_dir = Path(cfg.run.dir)
     if st.rank == 0:
-        _write_resolved_config(cfg, run_dir, user_config)
         log.info(start_report(cfg, st.world_size, st.dp_size, plan))
     dist.barrier()
     torch_seed(cfg.train.seed)
     built = build_engine(cfg, st, device, plan, ds_config)
     trainer = Trainer(cfg, st, built, datasets, run_dir, device, tokenizer=tokenizer, fingerprints=fingerprints)
+    if st.rank == 0:  # after the resume checks: a refused start leaves run.dir/config.yaml as it was
+        trainer.on_resumed = lambda: _write_resolved_config(cfg, run_dir, user_config)
     trainer.exit_code = trainer.train()
     return trainer
 
@@ -218,10 +227,28 @@ def _build_datasets(cfg, st, plan, tokenizer):
     from megatrain.data.loader import build_datasets, data_fingerprint
 
     n_train, n_valid = plan.train_samples(cfg.train.max_steps), plan.eval_samples(cfg.eval.steps)
-    datasets = build_datasets(cfg.data, seq_len=cfg.train.seq_len, num_samples={"train": n_train, "valid": n_valid},
+    wanted = {"train": n_train, "valid": n_valid, **({"test": n_valid} if cfg.eval.only else {})}
+    datasets = build_datasets(cfg.data, seq_len=cfg.train.seq_len, num_samples=wanted,
                               seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
                               tokenizer_sha256=tokenizer.sha256 if tokenizer else None)
+    if cfg.eval.only:
+        datasets.update(_eval_datasets(cfg, n_valid, tokenizer))
     return datasets, {"data": data_fingerprint(cfg.data), "tokenizer": tokenizer.sha256 if tokenizer else None}
+
+
+def _eval_datasets(cfg, n_samples: int, tokenizer) -> dict:
+    """eval.datasets: each prefix whole (its own "test" split), under the key "eval:PREFIX"."""
+    import dataclasses
+
+    from megatrain.data.loader import build_datasets
+
+    out = {}
+    for prefix in cfg.eval.datasets:
+        whole = dataclasses.replace(cfg.data, path=prefix, split="0,0,1")
+        out[f"eval:{prefix}"] = build_datasets(whole, seq_len=cfg.train.seq_len, num_samples={"test": n_samples},
+                                               seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
+                                               tokenizer_sha256=tokenizer.sha256 if tokenizer else None)["test"]
+    return out
 
 
 def _write_resolved_config(cfg, run_dir: Path, user_config: Optional[str] = None) -> Path:

@@ -83,3 +83,64 @@ def test_text_samples_under_pipeline_parallelism_match_the_plain_model(pattern_d
                             ["train.micro_batch_size=2", "parallel.pipeline=2"])
     assert plain and len(plain[-1]) == 2 and plain[-1][0].startswith("Kalo mi")
     assert piped[0] == piped[1] == plain  # every stage holds the same text, the plain model's
+
+
+# --------------------------------------------------------------------------- extend, re-run, evaluate only
+
+
+def _records(run) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_extend_a_finished_run_rerun_it_and_evaluate_it(capsys, tmp_path, pattern_dataset):
+    import math
+
+    from megatrain.config import OptimizerConfig, ScheduleConfig
+    from megatrain.optim import lr_at
+
+    run = tmp_path / "run"
+    args = ["model.preset=debug", f"data.path={pattern_dataset}", "data.split=90,5,5", f"run.dir={run}",
+            "train.seq_len=32", "train.micro_batch_size=4", "train.precision=fp32", "logging.interval=1",
+            "eval.steps=1", "eval.sample_tokens=0", "optimizer.lr=3e-3", "optimizer.min_lr=3e-4",
+            "schedule.warmup_steps=2"]
+    assert _main(args + ["train.max_steps=10"]) == 0
+    lr10 = [r["lr"] for r in _records(run) if "lr" in r][-1]
+    saved_config = (run / "config.yaml").read_text()
+
+    # re-running a finished run: says so, gives the commands, exits 0 (no silent evaluation)
+    capsys.readouterr()
+    n = len(_records(run))
+    assert _main(args + ["train.max_steps=10"]) == 0
+    out = capsys.readouterr().out
+    assert "already at step 10" in out and "megatrain-train model.preset=debug" in out and "warmup_steps=2 train.max_steps=20 schedule.on_extend=continue" in out
+    assert "train.max_steps=10 --eval-only" in out and len(_records(run)) == n  # nothing evaluated or written
+
+    # raising the horizon alone is refused with the exact command, and config.yaml is left as it was
+    assert _main(args + ["train.max_steps=16"]) == 2
+    out = capsys.readouterr().out
+    assert "schedule.on_extend=continue" in out and "train.max_steps=16" in out
+    assert (run / "config.yaml").read_text() == saved_config
+
+    # continue: the LR goes on from where it was, down to min_lr at the new end; no jump back up
+    assert _main(args + ["train.max_steps=16", "schedule.on_extend=continue"]) == 0
+    out = capsys.readouterr().out
+    assert f"learning rate: step 10 ran at {lr10:.3g}" in out
+    lrs = {r["step"]: r["lr"] for r in _records(run) if "lr" in r}
+    jump = lr_at(10, OptimizerConfig(lr=3e-3, min_lr=3e-4), ScheduleConfig(warmup_steps=2), 16)
+    assert lrs[11] <= lr10 + 1e-12 and abs(lrs[11] - lr10) < 0.1 * (jump - lr10)
+    assert all(lrs[s + 1] <= lrs[s] + 1e-12 for s in range(10, 16)) and lrs[16] >= 3e-4
+    assert "extend_step: 9" in (run / "config.yaml").read_text()
+
+    # the extended run resumes as itself (a requeue with the same command line)
+    assert _main(args + ["train.max_steps=16", "schedule.on_extend=continue"]) == 0
+    assert "already at step 16" in capsys.readouterr().out
+
+    # evaluate only: valid, test and another dataset, loss and perplexity into metrics.jsonl
+    assert _main(args + ["train.max_steps=16", "--eval-only", f"eval.datasets=[{pattern_dataset}]"]) == 0
+    evals = [r for r in _records(run) if r.get("eval_only")]
+    assert [r["split"] for r in evals] == ["valid", "test", f"eval:{pattern_dataset}"]
+    assert all(r["step"] == 16 and math.isclose(r["split_ppl"], math.exp(r["split_loss"])) for r in evals)
+    assert _main(args + ["train.max_steps=16", "--eval-only", f"run.dir={tmp_path / 'empty'}"]) == 2
+    assert "no checkpoint to evaluate" in capsys.readouterr().out

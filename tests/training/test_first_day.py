@@ -144,3 +144,49 @@ def test_extend_a_finished_run_rerun_it_and_evaluate_it(capsys, tmp_path, patter
     assert all(r["step"] == 16 and math.isclose(r["split_ppl"], math.exp(r["split_loss"])) for r in evals)
     assert _main(args + ["train.max_steps=16", "--eval-only", f"run.dir={tmp_path / 'empty'}"]) == 2
     assert "no checkpoint to evaluate" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- silent waits and noise
+
+
+def test_help_and_dry_run_never_import_deepspeed():
+    # its import alone printed "Setting accelerator to CPU" on every rank, and took seconds
+    import subprocess
+    import sys
+
+    code = ("import sys; from megatrain.train import main; main(['--help-config']); main(['--dry-run']); "
+            "sys.stderr.write('DEEPSPEED IMPORTED' if 'deepspeed' in sys.modules else 'clean')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.endswith("clean") and "Setting accelerator" not in res.stdout + res.stderr
+
+
+def test_deepspeed_prints_go_to_debug_and_op_builds_are_announced(caplog, tmp_path, monkeypatch):
+    import logging
+
+    from megatrain.telemetry import ds_output
+
+    with caplog.at_level(logging.DEBUG, "megatrain"):
+        with ds_output.deepspeed_prints_to_debug():
+            print("MA 0.04 GB         Max_MA 0.05 GB")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.DEBUG,
+                                                                     "deepspeed: MA 0.04 GB         Max_MA 0.05 GB")]
+    monkeypatch.setattr(ds_output, "_build_dir", lambda name: tmp_path / name)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "megatrain"):
+        ds_output.announce_op_build("fused_adam", "FusedAdam GPU kernels")
+        (tmp_path / "fused_adam").mkdir()
+        (tmp_path / "fused_adam" / "fused_adam.so").write_bytes(b"")
+        ds_output.announce_op_build("fused_adam", "FusedAdam GPU kernels")  # built: nothing to say
+    assert len(caplog.records) == 1 and "compiling DeepSpeed's fused_adam op" in caplog.text
+    assert "once per machine" in caplog.text
+
+
+def test_one_process_skips_the_shared_memory_op():
+    import deepspeed.ops
+
+    from megatrain.telemetry import ds_output
+
+    ds_output.prepare_comm_ops(world_size=1, local_world_size=1)
+    assert deepspeed.ops.__compatible_ops__[ds_output.SHM_OP] is False

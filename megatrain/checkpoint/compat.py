@@ -131,6 +131,8 @@ def plan_extension(cfg: Config, meta: dict, step: int) -> bool:
     old, new = meta.get("schedule"), schedule_fingerprint(cfg)
     if not old or old == new:
         return False
+    if cfg.eval.only:  # nothing is trained: the schedule does not matter
+        return True
     if old["schedule"].get("extend") and cfg.schedule.extend_step is None and _without(old, "extend") == \
             _without(new, "extend"):  # the extended run itself, resumed (a preemption, a requeue)
         ext = old["schedule"]["extend"]

@@ -71,7 +71,7 @@ def resume(ck: RunParts) -> Progress:
         how = "weights only (topology changed, no portable optimizer state)"
     if ck.guard is not None:
         ck.guard.load_state_dict(meta.get("resilience"))
-    if "schedule" in ck.cfg.train.resume_allow_changes or extended:
+    if ("schedule" in ck.cfg.train.resume_allow_changes or extended) and not ck.cfg.eval.only:
         apply_schedule(ck, step)
         _log_lr_change(ck.cfg, meta, step)
     log.info("resumed from %s: step %d, %d samples consumed (%s)", path, step, meta["consumed_samples"], how)

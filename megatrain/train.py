@@ -162,7 +162,7 @@ def train_with(cfg, st, device, user_config: Optional[str] = None):
     torch_seed(cfg.train.seed)
     built = build_engine(cfg, st, device, plan, ds_config)
     trainer = Trainer(cfg, st, built, datasets, run_dir, device, tokenizer=tokenizer, fingerprints=fingerprints)
-    if st.rank == 0:  # after the resume checks: a refused start leaves run.dir/config.yaml as it was
+    if st.rank == 0 and not cfg.eval.only:  # after the resume checks: a refused start leaves config.yaml as it was
         trainer.on_resumed = lambda: _write_resolved_config(cfg, run_dir, user_config)
     trainer.exit_code = trainer.train()
     return trainer

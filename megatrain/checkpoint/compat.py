@@ -131,12 +131,12 @@ def plan_extension(cfg: Config, meta: dict, step: int) -> bool:
     old, new = meta.get("schedule"), schedule_fingerprint(cfg)
     if not old or old == new:
         return False
-    if cfg.eval.only:  # nothing is trained: the schedule does not matter
-        return True
     if old["schedule"].get("extend") and cfg.schedule.extend_step is None and _without(old, "extend") == \
             _without(new, "extend"):  # the extended run itself, resumed (a preemption, a requeue)
         ext = old["schedule"]["extend"]
         cfg.schedule.extend_step, cfg.schedule.extend_lr, cfg.schedule.extend_mode = ext["step"], ext["lr"], ext["mode"]
+        return True
+    if cfg.eval.only:  # nothing is trained: the schedule does not matter
         return True
     end, old_end = new["schedule"]["decay_steps"], old["schedule"]["decay_steps"]
     if _without(old, "decay_steps", "extend") != _without(new, "decay_steps", "extend") or end <= max(step, old_end):

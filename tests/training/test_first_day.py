@@ -146,6 +146,7 @@ def test_extend_a_finished_run_rerun_it_and_evaluate_it(capsys, tmp_path, patter
     # evaluate only: valid, test and another dataset, loss and perplexity into metrics.jsonl
     # (any train.max_steps: nothing is trained, so the schedule is not compared)
     assert _main(args + ["train.max_steps=99", "--eval-only", f"eval.datasets=[{pattern_dataset}]"]) == 0
+    assert "extend_step: 9" in (run / "config.yaml").read_text()  # an evaluation does not rewrite the run's config
     evals = [r for r in _records(run) if r.get("eval_only")]
     assert [r["split"] for r in evals] == ["valid", "test", f"eval:{pattern_dataset}"]
     assert all(r["step"] == 16 and math.isclose(r["split_ppl"], math.exp(r["split_loss"])) for r in evals)

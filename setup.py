@@ -23,7 +23,9 @@ setup(
         "gguf",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "transformers"]},
+    # FP8 training (train.fp8) runs on torchao's float8 casts; megatrain.parallel.fp8 checks this same range
+    # at start. The test extra includes it so that CI runs the FP8 tests (emulated on CPU).
+    extras_require={"fp8": ["torchao>=0.18,<0.19"], "test": ["pytest", "transformers", "torchao>=0.18,<0.19"]},
     entry_points={
         "console_scripts": [
             "megatrain-train=megatrain.train:main",

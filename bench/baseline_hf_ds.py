@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import emit, gpu_name, single_process_env, summarize, time_steps  # noqa: E402
+from bench.common import device, emit, gpu_name, peak_gib, single_process_env, summarize, time_steps  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,25 +59,31 @@ def main(argv=None) -> None:
           "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1}},
           "bf16": {"enabled": True}, "gradient_clipping": 1.0,
           "zero_optimization": {"stage": a.zero}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
-    eng, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-    g = torch.Generator(device="cuda").manual_seed(0)
+    dev = device()
+    opt = None
+    if dev.type == "cpu":  # toy-size check of the script only: DeepSpeed's FusedAdam needs a GPU
+        opt = torch.optim.AdamW(model.parameters(), **ds.pop("optimizer")["params"])
+        ds["zero_force_ds_cpu_optimizer"] = False
+    eng, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), optimizer=opt, config=ds)
+    g = torch.Generator(device=dev).manual_seed(0)
     last = {}
 
     def step(_: int) -> None:
-        x = torch.randint(0, a.vocab, (a.mb, a.seq + 1), device="cuda", generator=g)
+        x = torch.randint(0, a.vocab, (a.mb, a.seq + 1), device=dev, generator=g)
         out = eng(input_ids=x[:, :-1], labels=x[:, :-1])
         eng.backward(out.loss)
         eng.step()
         last["loss"] = out.loss
 
-    torch.cuda.reset_peak_memory_stats()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = time_steps(step, a.steps, a.warmup)
     n_matmul = (n_params - n_emb) + (n_emb if a.tie else 0)  # the LM head is a matmul even when tied
     flops_per_tok = 6 * n_matmul + 12 * a.layers * a.hidden * a.seq  # PaLM convention, no causal discount
     res = {"side": "baseline", "shape": a.shape, "tag": a.tag, "mb": a.mb, "seq": a.seq, "zero": a.zero,
            "liger": a.liger, "ckpt": a.ckpt, "params_B": round(n_params / 1e9, 3)}
     res.update(summarize(times, a.mb * a.seq, flops_per_tok))
-    res.update({"peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+    res.update({"peak_mem_GiB": peak_gib(),
                 "loss_last": round(last["loss"].item(), 3), "gpu": gpu_name(), "torch": torch.__version__})
     if a.profile:
         from bench.profile_mix import profile_steps

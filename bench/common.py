@@ -18,7 +18,23 @@ SHAPES = {
                   "--hidden 2048 --layers 22 --heads 32 --kv 4 --ffn 5632 --vocab 32000 --seq 2048"),
     "llama3.2-1b": ("llama3.2-1b", 4096,
                     "--hidden 2048 --layers 16 --heads 32 --kv 8 --ffn 8192 --vocab 128256 --seq 4096 --tie"),
+    # the debug preset, for checking the bench scripts themselves on a CPU (no figures from it)
+    "toy": ("debug", 128, "--hidden 64 --layers 2 --heads 4 --kv 2 --ffn 160 --vocab 512 --seq 128"),
 }
+
+
+def device() -> torch.device:
+    """The GPU when there is one; the CPU otherwise (toy-size checks of the scripts)."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib() -> float:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else 0.0
 
 
 def time_steps(step: Callable[[int], None], steps: int, warmup: int) -> list[float]:
@@ -26,10 +42,10 @@ def time_steps(step: Callable[[int], None], steps: int, warmup: int) -> list[flo
     returns the times after ``warmup`` steps."""
     times = []
     for i in range(steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         step(i)
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     return times[warmup:]
 

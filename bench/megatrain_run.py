@@ -7,6 +7,10 @@ step itself is what megatrain's Trainer.train_step does (engine forward with
 labels, engine.backward, engine.step). Prints one ``RESULT {json}`` line.
 
     python bench/megatrain_run.py --shape tinyllama --mb 16 --compile 1
+    python bench/megatrain_run.py --shape tinyllama --mb 16 --fp8 tensorwise   # FP8 turns compile on
+
+Without a GPU it runs on the CPU (gloo, bf16, FP8 emulated): only for checking the script at
+``--shape toy``; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import SHAPES, emit, gpu_name, single_process_env, summarize, time_steps  # noqa: E402
+from bench.common import SHAPES, device, emit, gpu_name, peak_gib, single_process_env, summarize  # noqa: E402
+from bench.common import time_steps  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", type=int, default=0, help="profile this many extra steps and print the kernel mix")
     p.add_argument("--igu", type=int, default=0,
                    help="experiment: DeepSpeed bf16 immediate_grad_update (added to the engine's DeepSpeed config)")
+    p.add_argument("--fp8", default="off", help="train.fp8: off | tensorwise | rowwise | rowwise_with_gw_hp")
+    p.add_argument("--fp8_filter", default="auto", help="train.fp8_filter: auto | all")
     p.add_argument("--tag", default="")
     return p.parse_args(argv)
 
@@ -52,6 +59,7 @@ def build_config(a: argparse.Namespace):
         f"train.fused_kernels={a.kernels}", f"train.compile={bool(a.compile)}", f"train.loss_chunk_tokens={a.chunk}",
         "optimizer.lr=3e-4", "optimizer.beta1=0.9", "optimizer.beta2=0.95", "optimizer.weight_decay=0.1",
         "optimizer.grad_clip=1.0", "schedule.warmup_steps=0", "schedule.decay=constant", "train.max_steps=1000",
+        f"train.fp8={a.fp8}", f"train.fp8_filter={a.fp8_filter}",
     ])
 
 
@@ -63,15 +71,20 @@ def build(a: argparse.Namespace, cfg):
     from megatrain.model import kernels
     from megatrain.parallel.state import ParallelState
 
+    from megatrain.parallel.fp8 import check_fp8
+
     single_process_env()
-    torch.cuda.set_device(0)
-    deepspeed.init_distributed(dist_backend="nccl")
+    dev = device()
+    if dev.type == "cuda":
+        torch.cuda.set_device(0)
+    deepspeed.init_distributed(dist_backend="nccl" if dev.type == "cuda" else "gloo")
+    check_fp8(cfg.train, dev)  # what train.py checks at start
     st = ParallelState.build(1, 1)
     plan = plan_batch(cfg.train, st.dp_size)
     ds_config = build_ds_config(cfg, plan)
     if a.igu:  # a bench experiment, not a config key
         ds_config["bf16"] = {**ds_config.get("bf16", {}), "immediate_grad_update": True}
-    built = build_engine(cfg, st, torch.device("cuda", 0), plan, ds_config)  # selects kernels from train.fused_kernels
+    built = build_engine(cfg, st, dev, plan, ds_config)  # selects kernels from train.fused_kernels
     # The SDPA backend order has no config key: apply the bench's choice after the engine's default.
     mode = kernels.configure_kernels(a.kernels, a.attention)
     return built, mode  # train.compile and train.activation_checkpointing were applied by build_engine
@@ -93,26 +106,30 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     cfg = build_config(a)
     built, mode = build(a, cfg)
-    engine, seq, vocab = built.engine, cfg.train.seq_len, cfg.model.vocab_size
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    engine, seq, vocab, dev = built.engine, cfg.train.seq_len, cfg.model.vocab_size, device()
+    gen = torch.Generator(device=dev).manual_seed(0)
     last = {}
 
     def step(_: int) -> None:
-        x = torch.randint(0, vocab, (a.mb, seq + 1), device="cuda", generator=gen)
+        x = torch.randint(0, vocab, (a.mb, seq + 1), device=dev, generator=gen)
         loss = engine(x[:, :-1], x[:, 1:])
         engine.backward(loss)
         engine.step()
         last["loss"] = loss
 
     from megatrain.model.accounting import flops_per_token, num_params
+    from megatrain.parallelize import blocks_of
 
-    torch.cuda.reset_peak_memory_stats()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = time_steps(step, a.steps, a.warmup)
     res = {"side": "megatrain", "shape": a.shape, "mb": a.mb, "seq": seq, "kernels": mode, "attention": a.attention,
-           "compile": bool(a.compile), "zero": a.zero, "igu": bool(a.igu), "ckpt": a.ckpt, "chunk": a.chunk, "tag": a.tag,
+           "compile": bool(a.compile) or (a.fp8 != "off" and dev.type == "cuda"), "fp8": a.fp8,
+           "fp8_linears": sum(getattr(m, "fp8_gemm", None) is not None for m in built.module.modules()),
+           "linears": 4 * len(blocks_of(built.module)), "zero": a.zero, "igu": bool(a.igu), "ckpt": a.ckpt, "chunk": a.chunk, "tag": a.tag,
            "params_B": round(num_params(cfg.model)["total"] / 1e9, 3)}
     res.update(summarize(times, a.mb * seq, flops_per_token(cfg.model, seq)))
-    res.update({"peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+    res.update({"peak_mem_GiB": peak_gib(),
                 "est_mem_GiB": estimate_gib(cfg), "loss_last": round(last["loss"].item(), 3),
                 "gpu": gpu_name(), "torch": torch.__version__})
     if a.profile:

@@ -11,7 +11,7 @@ and writes everything as JSON.
 
 A run spec is ``side:shape:micro_batch[:key=value,...]`` with side ``mt``
 (bench/megatrain_run.py; keys: kernels, attention, compile, zero, ckpt, chunk,
-profile) or ``hf`` (bench/baseline_hf_ds.py; keys: liger (default 1), zero,
+profile, fp8, fp8_filter) or ``hf`` (bench/baseline_hf_ds.py; keys: liger (default 1), zero,
 profile).
 """
 
@@ -43,6 +43,14 @@ PLANS = {
     "h100": ["hf:tinyllama:16", f"mt:tinyllama:16:{MT}", "hf:llama3.2-1b:4", "hf:llama3.2-1b:8",
              f"mt:llama3.2-1b:4:{MT}", f"mt:llama3.2-1b:8:{MT}"],
     "smoke": ["mt:tinyllama:2:kernels=triton", "hf:tinyllama:2"],
+    # FP8 (issue 20): the baseline, megatrain bf16 eager and compiled (FP8 compiles, so compiled bf16 is the
+    # fair reference), and each FP8 recipe, at the baseline's best TinyLlama micro-batch and at Llama-3.2-1B
+    "fp8": ["hf:tinyllama:16", f"mt:tinyllama:16:{MT}", f"mt:tinyllama:16:{MT},compile=1",
+            *(f"mt:tinyllama:16:{MT},fp8={r}" for r in ("tensorwise", "rowwise", "rowwise_with_gw_hp")),
+            f"mt:llama3.2-1b:8:{MT},compile=1", f"mt:llama3.2-1b:8:{MT},fp8=tensorwise"],
+    # the same list at toy size on a CPU: checks the scripts and the table, measures nothing
+    "fp8-toy": ["hf:toy:2:liger=0", "mt:toy:2", "mt:toy:2:fp8=tensorwise,fp8_filter=all",
+                "mt:toy:2:fp8=rowwise,fp8_filter=all", "mt:toy:2:fp8=rowwise_with_gw_hp,fp8_filter=all"],
 }
 
 
@@ -97,6 +105,8 @@ def variant(r: dict) -> str:
     if r["side"] == "baseline":
         return "HF+DS ZeRO-%d%s" % (r.get("zero", 2), " +Liger" if r.get("liger") else "")
     bits = [r.get("kernels", "?"), "compile" if r.get("compile") else "eager", f"ZeRO-{r.get('zero')}"]
+    if r.get("fp8") not in (None, "off"):
+        bits.append(f"FP8 {r['fp8']} ({r.get('fp8_linears')}/{r.get('linears')} linears)")
     if r.get("igu"):
         bits.append("igu")
     if r.get("attention") not in (None, "auto"):
@@ -120,9 +130,23 @@ def compare(results: list[dict]) -> list[dict]:
             b = max((r for r in hf if r["mb"] == mb), key=lambda r: r["tok_s"])
             out.append({"shape": shape, "what": f"same micro-batch {mb}", "megatrain": a["spec"], "baseline": b["spec"],
                         "ratio": round(a["tok_s"] / b["tok_s"], 3), "megatrain_mfu": a["mfu_vs_989"]})
+        out += _fp8_vs_bf16(shape, mt)
         a, b = max(mt, key=lambda r: r["tok_s"]), max(hf, key=lambda r: r["tok_s"])
         out.append({"shape": shape, "what": "best vs best", "megatrain": a["spec"], "baseline": b["spec"],
                     "ratio": round(a["tok_s"] / b["tok_s"], 3), "megatrain_mfu": a["mfu_vs_989"]})
+    return out
+
+
+def _fp8_vs_bf16(shape: str, mt: list[dict]) -> list[dict]:
+    """Each FP8 run against the fastest bf16 megatrain run at its micro-batch (compiled if any was)."""
+    out = []
+    for r in (r for r in mt if r.get("fp8") not in (None, "off")):
+        bf16 = [b for b in mt if b.get("fp8") in (None, "off") and b["mb"] == r["mb"]]
+        if bf16:
+            b = max(bf16, key=lambda x: x["tok_s"])
+            out.append({"shape": shape, "what": f"FP8 {r['fp8']} vs bf16, micro-batch {r['mb']}", "megatrain": r["spec"],
+                        "baseline": b["spec"], "ratio": round(r["tok_s"] / b["tok_s"], 3),
+                        "megatrain_mfu": r["mfu_vs_989"]})
     return out
 
 

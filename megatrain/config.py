@@ -122,9 +122,13 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the world is cut: TP innermost, then DP, then PP. DP is what is left."""
+    """How the world is cut: TP innermost, then context (CP), then DP, then PP. DP is what is left."""
 
     tensor: int = _f(1, "tensor-parallel size (ranks that split every weight matrix)", POSITIVE)
+    sequence_parallel: bool = _f(False, "Megatron sequence parallelism inside the TP group: norms and the residual "
+                                 "stream hold seq_len / tensor tokens per rank (needs parallel.tensor >= 2)")
+    context: int = _f(1, "context-parallel size (DeepSpeed-Ulysses): ranks that split every sequence, with an "
+                      "all-to-all around attention", POSITIVE)
     pipeline: int = _f(1, "pipeline-parallel size (stages)", POSITIVE)
     pipeline_partition: str = _f("parameters", "how blocks are placed on stages: parameters | uniform | type:<regex>")
     activation_checkpoint_interval: int = _f(0, "pipeline only: checkpoint every N layers (0 = off)", NON_NEGATIVE)
@@ -140,6 +144,12 @@ class DataConfig:
     cache_dir: Optional[str] = _f(None, "where sample indices are cached (.npy); default: next to the dataset")
     num_workers: int = _f(0, "background processes that assemble batches (0 = in the training process, with a prefetch thread)", NON_NEGATIVE)
     verify: str = _f("sizes", "dataset check at start: sizes (index vs file sizes) | full (every token < vocab)")
+    document_mask: bool = _f(False, "packed samples respect documents: a token attends only to earlier tokens of its "
+                                    "own document (boundaries from the sample index; docs/data.md)")
+    document_positions: bool = _f(True, "with document_mask: RoPE positions restart at 0 at each document (false: "
+                                        "positions run 0..seq_len-1 across the sample)")
+    eod_mask_loss: bool = _f(False, "no loss on each document's first token in a sample (it would be predicted from "
+                                    "the previous document); Megatron's --eod-mask-loss, from the sample index")
 
 
 @dataclass
@@ -192,7 +202,19 @@ class TrainConfig:
     max_wall_time: Optional[float] = _f(None, "seconds: save and exit with the requeue code before this budget runs out", POSITIVE)
     activation_checkpointing: str = _f("none", "none | full | selective (keep every GEMM and attention output, recompute the elementwise work: norms, RoPE, SwiGLU, residual adds)")
     fused_kernels: str = _f("auto", "auto (Triton on GPU, PyTorch elsewhere) | triton | torch")
-    compile: bool = _f(False, "torch.compile each block")
+    compile: bool = _f(False, "torch.compile each block (FP8 on a GPU turns it on: its casts need fusing)")
+    fp8: str = _f("off", "FP8 GEMMs in the block linears (torchao recipes): off | tensorwise (one scale per tensor, "
+                         "fastest) | rowwise (per-row scales, powers of 2, e4m3 gradients) | rowwise_with_gw_hp "
+                         "(rowwise, weight gradient GEMM in bf16). GPU: compute capability >= 8.9 and "
+                         "precision bf16; CPU: emulated (bf16 or fp32)")
+    fp8_filter: str = _f("auto", "which block linears run in FP8: auto (torchao's size thresholds on the local "
+                                 "GEMM: small GEMMs lose to the casts) | all (every one whose dims are multiples "
+                                 "of 16)")
+    fp8_exclude: list = _f([], "regexes of block linear names kept in bf16 (names like blocks.0.attn.qkv, "
+                               "blocks.3.mlp.down; re.search)")
+    document_attention: str = _f("auto", "attention kernel under data.document_mask: auto (flex on GPU, sdpa on CPU) | "
+                                         "flex (flex_attention, document block mask) | varlen (flash varlen_attn) | "
+                                         "sdpa (explicit boolean mask; the reference)")
     loss_chunk_tokens: int = _f(0, "tokens per chunk of the fused head + cross-entropy; 0 sizes chunks to ~256 MiB "
                                    "of fp32 logits", NON_NEGATIVE)
 
@@ -329,6 +351,10 @@ register_preset("llama2-70b", hidden_size=8192, num_layers=80, num_heads=64, num
                 ffn_hidden_size=28672, vocab_size=32000, max_seq_len=4096)
 register_preset("llama3-8b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                 ffn_hidden_size=14336, vocab_size=128256, rope_theta=500000.0, max_seq_len=8192)
+# Llama 3.1 8B: the Llama 3 8B shape with a 128K context (RoPE scaling factor 8, as Meta's config)
+register_preset("llama3.1-8b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                ffn_hidden_size=14336, vocab_size=128256, rope_theta=500000.0, max_seq_len=131072,
+                rope_scaling={**_L3_SCALING, "factor": 8.0})
 register_preset("llama3-70b", hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
                 ffn_hidden_size=28672, vocab_size=128256, rope_theta=500000.0, max_seq_len=8192)
 register_preset("llama3.2-1b", hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
@@ -549,12 +575,17 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           f"pad the vocabulary to a multiple of it")
     if m.num_layers % p.pipeline:
         raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}")
+    validate_sequence_split(cfg)
     if t.seq_len > m.max_seq_len:
-        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise "
+                          f"model.max_seq_len (with model.rope_scaling for a long context), or use a long-context "
+                          f"preset such as llama3.1-8b")
     _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
     _choice("train.nonfinite", t.nonfinite, ("skip", "abort"))
     _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
     _choice("train.fused_kernels", t.fused_kernels, ("auto", "triton", "torch"))
+    _check_fp8(t)
+    _choice("train.document_attention", t.document_attention, ("auto", "flex", "varlen", "sdpa"))
     _choice("schedule.decay", cfg.schedule.decay, ("cosine", "linear", "constant", "wsd"))
     _choice("schedule.on_extend", cfg.schedule.on_extend, ("refuse", "continue", "rewarm"))
     if cfg.schedule.extend_step is not None and (cfg.schedule.extend_lr is None
@@ -582,6 +613,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if bad:
         raise ConfigError(f"train.resume_allow_changes: unknown item(s) {bad!r}; "
                           f"allowed: data, tokenizer, model, schedule, topology")
+    if cfg.data.document_mask and m.dropout > 0 and t.document_attention in ("flex", "varlen"):
+        raise ConfigError(f"train.document_attention={t.document_attention} has no attention dropout, but "
+                          f"model.dropout={m.dropout}; use train.document_attention=sdpa (or auto) or model.dropout=0")
     if world_size is not None:
         validate_world(cfg, world_size)
 
@@ -600,11 +634,47 @@ def validate_model(m: ModelConfig) -> None:
                           f"{m.ffn_dim_multiplier} is {m.ffn_size}; set model.ffn_hidden_size")
 
 
+def validate_sequence_split(cfg: Config) -> None:
+    """Sequence parallelism and context parallelism: what the sequence and the heads must divide into."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if p.sequence_parallel and p.tensor < 2:
+        raise ConfigError(f"parallel.sequence_parallel=true needs parallel.tensor >= 2 (it is {p.tensor}): sequence "
+                          f"parallelism splits the tensor-parallel group's tokens; set parallel.tensor or drop it")
+    if t.seq_len % p.context:
+        raise ConfigError(f"train.seq_len={t.seq_len} is not divisible by parallel.context={p.context}: each "
+                          f"context rank holds an equal contiguous slice; use a multiple of {p.context}")
+    if (p.sequence_parallel or p.context > 1) and m.dropout > 0:
+        # The dropout streams are per TP rank (megatrain.parallel.random); with the sequence split, ranks
+        # holding other tokens would repeat one mask pattern over the slices. LLaMA pretraining uses 0.
+        raise ConfigError(f"model.dropout={m.dropout} with parallel.sequence_parallel / parallel.context > 1 is "
+                          f"not supported (the dropout masks would repeat across sequence slices); set "
+                          f"model.dropout=0")
+    local = t.seq_len // p.context
+    if p.sequence_parallel and local % p.tensor:
+        what = f"train.seq_len / parallel.context = {local}" if p.context > 1 else f"train.seq_len={t.seq_len}"
+        raise ConfigError(f"{what} is not divisible by parallel.tensor={p.tensor} (parallel.sequence_parallel "
+                          f"splits it over the TP ranks); use a train.seq_len that is a multiple of "
+                          f"{p.tensor * p.context}")
+    if p.context == 1:
+        return
+    if m.num_heads % (p.tensor * p.context):
+        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tensor x parallel.context = "
+                          f"{p.tensor} x {p.context}: context parallelism gives each rank whole query heads; "
+                          f"choose sizes whose product divides the head count")
+    kv_local = m.kv_heads // p.tensor
+    if kv_local % p.context and p.context % kv_local:
+        raise ConfigError(f"model.num_kv_heads / parallel.tensor = {kv_local} KV heads per TP rank and "
+                          f"parallel.context={p.context}: one must divide the other (KV heads are split over the "
+                          f"context ranks when divisible, replicated when fewer); change parallel.context")
+
+
 def validate_world(cfg: Config, world_size: int) -> None:
     p = cfg.parallel
-    if world_size % (p.tensor * p.pipeline):
-        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
-                          f"{p.tensor} x {p.pipeline}; launch a multiple of {p.tensor * p.pipeline} processes")
+    n = p.tensor * p.context * p.pipeline
+    if world_size % n:
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.context x "
+                          f"parallel.pipeline = {p.tensor} x {p.context} x {p.pipeline}; launch a multiple of {n} "
+                          f"processes")
 
 
 def _check_ranges(section: Any, prefix: str = "") -> None:
@@ -634,6 +704,22 @@ def _check_partition(spec: str) -> None:
         re.compile(spec[len("type:"):], re.IGNORECASE)
     except re.error as e:
         raise ConfigError(f"{key}={spec!r}: the regex after 'type:' does not compile ({e})") from None
+
+
+def _check_fp8(t: TrainConfig) -> None:
+    """train.fp8 keys; the checks that need the device and torchao run at start (parallel.fp8.check_fp8)."""
+    import re
+
+    _choice("train.fp8", t.fp8, ("off", "tensorwise", "rowwise", "rowwise_with_gw_hp"))
+    _choice("train.fp8_filter", t.fp8_filter, ("auto", "all"))
+    for pattern in t.fp8_exclude:
+        try:
+            re.compile(str(pattern))
+        except re.error as e:
+            raise ConfigError(f"train.fp8_exclude: {pattern!r} is not a regex ({e})") from None
+    if t.fp8 != "off" and t.precision == "fp16":
+        raise ConfigError("train.fp8 with train.precision=fp16: FP8 keeps bf16 activations and gradients between "
+                          "its GEMMs; use train.precision=bf16")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -4,10 +4,13 @@ The model file stays plain PyTorch plus the tensor-parallel layers; everything
 that rewrites how its blocks run is applied here, after the model (or the
 pipeline stage) exists and before DeepSpeed wraps it:
 
-    1. (sequence parallelism: the TP layers' communication pattern)
-    2. (FP8: the GEMMs of the TP linears)
-    3. activation recomputation   apply_activation_checkpointing
-    4. torch.compile of each block apply_compile
+    1. FP8 GEMMs in the block linears apply_fp8 (the GEMM: megatrain.parallel.fp8)
+    2. activation recomputation   apply_activation_checkpointing
+    3. torch.compile of each block apply_compile
+
+Sequence and context parallelism are not a step here: they are chosen when the parts are built
+(``Ctx.sequence_parallel`` / ``Ctx.cp_group``, see docs/architecture.md), so that the pipeline's
+LayerSpecs and the plain model get the same layers; the steps below wrap whatever forward that is.
 
 The order matters: recomputation must wrap the FP8 / sequence-parallel forward
 it recomputes, and compile must see the final forward (recomputation included)
@@ -18,6 +21,7 @@ config asks for; each step is usable on its own (tests, benchmarks).
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 from typing import Any, Callable, Optional
 
@@ -26,6 +30,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from megatrain.model.llama import Block
+from megatrain.parallel.fp8 import RECIPES, Float8Gemm, LinearChoice, choose, fp8_compiles
+from megatrain.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +43,70 @@ def blocks_of(model: nn.Module) -> list[Block]:
     return [m for m in model.modules() if isinstance(m, Block)]
 
 
+# --------------------------------------------------------------------------- FP8
+
+
+def fp8_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(canonical name, module) of every column/row-parallel linear inside a transformer block."""
+    out = []
+    for blk in (m for m in model.modules() if isinstance(m, Block)):
+        for sub, mod in blk.named_modules():
+            if isinstance(mod, (ColumnParallelLinear, RowParallelLinear)):
+                out.append((f"blocks.{blk.layer_idx}.{sub}", mod))
+    return out
+
+
+def apply_fp8(model: nn.Module, recipe: str, *, rule: str = "auto", exclude: Optional[list[str]] = None,
+              emulate: Optional[bool] = None) -> list[LinearChoice]:
+    """Route the chosen block linears' local GEMMs through FP8; returns the decision for each.
+
+    Only a callable is attached (``module.fp8_gemm``); parameters, their names and the state dict are
+    untouched, so checkpoints stay FP8-free and a run resumes with FP8 on or off. ``emulate`` defaults
+    to "not on a GPU"."""
+    if recipe not in RECIPES:
+        raise ValueError(f"train.fp8={recipe!r}: choose one of {', '.join(RECIPES)}")
+    if recipe == "off":
+        return []
+    found = fp8_linears(model)
+    if emulate is None:
+        device = next((p.device for _, m in found for p in m.parameters()), torch.device("cpu"))
+        emulate = device.type != "cuda"
+    gemm = Float8Gemm.build(recipe, emulate)
+    choices = []
+    for name, mod in found:
+        # shapes from the layer, not its weight: under ZeRO-3 the weight holds no data outside forward
+        c = choose(name, mod.out_features_local, mod.in_features_local, recipe, rule, exclude or [])
+        mod.fp8_gemm = gemm if c.fp8 else None
+        choices.append(c)
+    log.info("FP8 (%s%s): %d of %d block linears", recipe, ", emulated" if emulate else "",
+             sum(c.fp8 for c in choices), len(choices))
+    return choices
+
+
 # --------------------------------------------------------------------------- activation recomputation
 
 
 @functools.lru_cache(maxsize=1)
 def _saved_ops() -> frozenset:
     aten = torch.ops.aten
+    # mm covers the FP8 GEMMs too: torch.mm on torchao's Float8TrainingTensor is what this policy sees
+    # (the _scaled_mm, or the emulated fp32 mm, runs inside the subclass); _scaled_mm is listed for
+    # traces that desugar the subclass (torch.compile)
     names = ("mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_efficient_attention",
              "_flash_attention_forward", "_efficient_attention_forward")
-    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+    ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    # the document-mask kernels (megatrain.model.documents): flex's higher-order op supports selective
+    # checkpointing's dispatch modes; varlen is a custom op, registered when its module is imported
+    try:
+        importlib.import_module("torch.nn.attention.varlen")
+        ops.add(torch.ops.torch_attn._varlen_attn.default)
+    except (ImportError, AttributeError):
+        pass
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)
+    if flex is not None:
+        ops.add(flex)
+    return frozenset(ops)
 
 
 def _policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
@@ -129,8 +189,14 @@ def apply_compile(model: nn.Module, seq_len: Optional[int] = None, mode: Optiona
 
 
 def parallelize(model: nn.Module, train: Any) -> nn.Module:
-    """Apply what ``train`` (the run's TrainConfig) asks for, in the fixed order above; returns ``model``."""
+    """Apply what ``train`` (the run's TrainConfig) asks for, in the fixed order above; returns ``model``.
+
+    FP8 on a GPU turns compile on (:func:`megatrain.parallel.fp8.fp8_compiles` says why)."""
+    fp8 = getattr(train, "fp8", "off")
+    if fp8 != "off":
+        apply_fp8(model, fp8, rule=train.fp8_filter, exclude=train.fp8_exclude)
     apply_activation_checkpointing(model, train.activation_checkpointing)
-    if train.compile:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if train.compile or fp8_compiles(train, device.type):
         apply_compile(model, train.seq_len)
     return model

@@ -133,7 +133,7 @@ def run(cfg, user_config: Optional[str] = None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     try:
         validate_world(cfg, dist.get_world_size())
-        st = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
+        st = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context)
         return train_with(cfg, st, device, user_config).exit_code
     finally:
         if dist.is_initialized():
@@ -150,6 +150,9 @@ def train_with(cfg, st, device, user_config: Optional[str] = None):
     from megatrain.telemetry.report import start_report
     from megatrain.trainer import Trainer
 
+    from megatrain.parallel.fp8 import check_fp8
+
+    check_fp8(cfg.train, device)  # torchao, GPU capability and precision, before any data is touched
     plan = plan_batch(cfg.train, st.dp_size)  # batch and template errors before any data is touched
     ds_config = build_ds_config(cfg, plan)
     _check_output_dirs(cfg)

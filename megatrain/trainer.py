@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatrain import resilience as res
 from megatrain.checkpoint import Checkpointer, Progress
 from megatrain.config import Config
-from megatrain.engine import Built
+from megatrain.engine import Built, pipeline_batches
 from megatrain.model.accounting import flops_per_token
 from megatrain.optim import lr_at
 from megatrain.parallel.state import ParallelState
@@ -65,19 +65,20 @@ class Trainer:
     # ------------------------------------------------------------------ data
 
     def _train_batches(self) -> Iterator:
-        from megatrain.data.loader import build_micro_batches
+        from megatrain.data.loader import build_micro_batches, document_options
 
         return build_micro_batches(self.datasets["train"], micro_batch_size=self.built.plan.micro_batch,
                                    global_batch_size=self.built.plan.global_batch, dp_rank=self.st.dp_rank,
                                    dp_size=self.st.dp_size, consumed_samples=self.consumed_samples,
-                                   num_workers=self.cfg.data.num_workers, num_micro_batches=self._micro_batches_left())
+                                   num_workers=self.cfg.data.num_workers, context=(self.st.cp_rank, self.st.cp_size),
+                                   num_micro_batches=self._micro_batches_left(), **document_options(self.cfg.data))
 
     def _micro_batches_left(self) -> int:
         """What the rest of the run reads on this rank: the prefetch stops there, inside the built split."""
         return max(0, self.cfg.train.max_steps - self.step) * self.built.plan.grad_accum
 
     def _eval_batches(self, split: str = "valid") -> Optional[Iterator]:
-        from megatrain.data.loader import build_micro_batches
+        from megatrain.data.loader import build_micro_batches, document_options
 
         ds = self.datasets.get(split)
         if ds is None or len(ds) == 0:
@@ -86,7 +87,8 @@ class Trainer:
         # The same leading samples of the valid split at every evaluation, so evals are comparable.
         return build_micro_batches(ds, micro_batch_size=plan.micro_batch, global_batch_size=plan.eval_batch,
                                    dp_rank=self.st.dp_rank, dp_size=plan.dp_size, consumed_samples=0,
-                                   num_micro_batches=self.cfg.eval.steps)
+                                   context=(self.st.cp_rank, self.st.cp_size), num_micro_batches=self.cfg.eval.steps,
+                                   **document_options(self.cfg.data))
 
     # ------------------------------------------------------------------ steps
 
@@ -95,11 +97,12 @@ class Trainer:
         ``self.guard.last.loss`` holds the mean afterwards, so the loop needs no reduction of its own."""
         eng = self.engine
         if self.built.is_pipeline:
-            eng.train_batch(data_iter=self._batches)
+            eng.train_batch(data_iter=pipeline_batches(self._batches))
             return
         for _ in range(self.built.plan.grad_accum):
-            tokens, labels = next(self._batches)
-            loss = eng(tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+            # (tokens, labels[, position_ids]): the model takes them in this order
+            batch = [t.to(self.device, non_blocking=True) for t in next(self._batches)]
+            loss = eng(*batch)
             self.guard.observe_loss(loss)
             eng.backward(loss)
             eng.step()
@@ -246,12 +249,12 @@ class Trainer:
         eng.eval()
         try:
             if self.built.is_pipeline:
-                loss = eng.eval_batch(data_iter=batches, num_micro_batches=self.cfg.eval.steps).float()
+                loss = eng.eval_batch(data_iter=pipeline_batches(batches),
+                                      num_micro_batches=self.cfg.eval.steps).float()
             else:
                 total = torch.zeros((), device=self.device)
                 for _ in range(self.cfg.eval.steps):
-                    tokens, labels = next(batches)
-                    total += eng(tokens.to(self.device), labels.to(self.device)).float()
+                    total += eng(*[t.to(self.device) for t in next(batches)]).float()
                 loss = total / self.cfg.eval.steps
         finally:
             eng.train()
@@ -291,6 +294,10 @@ class Trainer:
     def sample(self) -> list[str]:
         """Generate from the configured prompts on every rank in lockstep (TP, PP and ZeRO-3 need all ranks)."""
         if self.tokenizer is None or not self.cfg.eval.prompts or self.cfg.eval.sample_tokens <= 0:
+            return []
+        if self.cfg.parallel.sequence_parallel or self.st.cp_size > 1:
+            log.info("text samples are skipped under sequence/context parallelism (a prompt's length is no multiple "
+                     "of the split; evaluation loss still runs)")
             return []
         from megatrain.samples import sample_texts
 

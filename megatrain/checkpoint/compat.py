@@ -30,20 +30,21 @@ def schedule_fingerprint(cfg: Config) -> dict:
 
 def topology_of(cfg: Config, st: Any) -> dict:
     """The layout a checkpoint was saved at (``st`` is the run's ParallelState)."""
-    return {"tp": st.tp_size, "pp": st.pp_size, "dp": st.dp_size, "zero_stage": cfg.deepspeed.zero_stage,
+    return {"tp": st.tp_size, "pp": st.pp_size, "dp": st.dp_size, "cp": st.cp_size, "zero_stage": cfg.deepspeed.zero_stage,
             "world_size": st.world_size, "precision": cfg.train.precision, "offload": cfg.deepspeed.offload,
             "pipeline_partition": cfg.parallel.pipeline_partition if st.pp_size > 1 else None}
 
 
 def describe(topo: dict) -> str:
-    return (f"TP={topo.get('tp')} PP={topo.get('pp')} DP={topo.get('dp')} ZeRO-{topo.get('zero_stage')}"
+    cp = f" CP={topo['cp']}" if topo.get("cp", 1) != 1 else ""
+    return (f"TP={topo.get('tp')}{cp} PP={topo.get('pp')} DP={topo.get('dp')} ZeRO-{topo.get('zero_stage')}"
             f"{' ' + topo['precision'] if topo.get('precision') else ''}")
 
 
 def same_topology(old: dict, new: dict, meta: dict) -> bool:
     """Can DeepSpeed load its own files as they are? (Same grid, ZeRO stage, precision, offload, stages.)"""
-    if any(old.get(k) != new[k] for k in ("tp", "pp", "dp", "zero_stage")):
-        return False
+    if any(old.get(k) != new[k] for k in ("tp", "pp", "dp", "zero_stage")) or old.get("cp", 1) != new.get("cp", 1):
+        return False  # (checkpoints from before context parallelism have no "cp": they are CP=1)
     extra = ("precision", "offload", "pipeline_partition")
     return all(old.get(k, new[k]) == new[k] for k in extra) and meta.get("dtype", new["precision"]) == new["precision"]
 

@@ -118,7 +118,8 @@ def load_portable(ck: RunParts, path: Path, meta: dict) -> None:
     _set_progress(ck, int(meta["step"]), int(meta["consumed_samples"]), meta)
     topo = meta.get("topology") or {}
     rng_file = _rank_rng_file(ck, path)
-    if (topo.get("tp"), topo.get("pp"), topo.get("dp")) == (ck.st.tp_size, ck.st.pp_size, ck.st.dp_size) \
+    if (topo.get("tp"), topo.get("pp"), topo.get("dp"), topo.get("cp", 1)) == \
+            (ck.st.tp_size, ck.st.pp_size, ck.st.dp_size, ck.st.cp_size) \
             and rng_file.is_file():
         restore_rng(ck.rng_tracker, load_rng_file(rng_file))
     else:

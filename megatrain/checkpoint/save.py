@@ -94,7 +94,7 @@ def save(ck: RunParts, progress: Progress) -> Path:
     ck.engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
     _crash_point("ds", step)
     tensors = local_model_tensors(ck)
-    if st.dp_rank == 0:
+    if st.dp_rank == 0 and st.cp_rank == 0:  # one writer per TP/PP shard (context ranks hold the same weights)
         layout.write_model_shard(tmp, st.tp_rank, st.pp_rank, tensors, st.tp_size, st.pp_size)
     _crash_point("model", step)
     optimizer_step, portable = save_portable_optimizer(ck, tmp)
@@ -121,7 +121,7 @@ def save_portable_optimizer(ck: RunParts, tmp: Path) -> tuple[int, bool]:
     params = canonical_named_parameters(ck.engine.module, ck.cfg.model)
     tensors = optim_state.gather_state(params, opt, with_fp32=ck.cfg.train.precision != "fp32")
     st = ck.st
-    if st.dp_rank == 0:
+    if st.dp_rank == 0 and st.cp_rank == 0:
         optim_state.write_state(optim_state.optim_path(tmp, st.tp_rank, st.pp_rank), tensors,
                                 {"step": str(step), "tp": str(st.tp_size), "pp": str(st.pp_size)})
     return step, True

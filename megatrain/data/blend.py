@@ -155,6 +155,10 @@ class BlendedDataset:
     def __getitem__(self, idx: int) -> np.ndarray:
         return self.datasets[self.dataset_index[idx]][self.dataset_sample_index[idx]]
 
+    def document_starts(self, idx: int) -> np.ndarray:
+        """Where documents begin inside sample ``idx`` (see :meth:`GPTDataset.document_starts`)."""
+        return self.datasets[self.dataset_index[idx]].document_starts(self.dataset_sample_index[idx])
+
 
 def blend_description(identities: list[dict], weights: list, num_samples: int, extra: dict) -> tuple[str, dict]:
     desc = {"class": "BlendedDataset", "datasets": identities, "weights": [str(w) for w in weights],

@@ -35,6 +35,7 @@ INDEX_VERSION = 2
 # apart from the others, so that its samples are not spread thinly over the whole run.
 SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
 SPLIT_NAMES = ("train", "valid", "test")
+_NO_STARTS = np.zeros(0, dtype=np.int64)
 
 
 def parse_split(split: str, field: str = "data.split") -> list[float]:
@@ -293,6 +294,22 @@ class GPTDataset:
                                   f"with another vocabulary or is corrupt (megatrain-inspect-data verify "
                                   f"{self.indexed.prefix} --full --vocab-size {self._vocab} checks every token)")
         return out
+
+    def document_starts(self, idx: int) -> np.ndarray:
+        """Offsets t in (0, seq_len] of the window ``self[idx]`` where a new document begins (int64,
+        increasing; empty when the sample lies inside one document).
+
+        Read from the sample index, not from the tokens: a dataset without end-of-document tokens has
+        the same layout. The documents are the index's sequences (one per document unless the data was
+        split into sentences); the stream joins them in shuffled order, so neighbours are unrelated."""
+        i = int(self.shuffle_index[idx])
+        d0, o0, d1, _ = self.sample_index[i:i + 2].ravel().tolist()
+        if d0 == d1:
+            return _NO_STARTS
+        if d1 == d0 + 1:  # the common case at realistic lengths: one boundary, scalar reads only
+            return np.array([int(self._seq_lengths[int(self.document_index[d0])]) - o0], dtype=np.int64)
+        # document d0 + j (j >= 1) starts after the rest of d0 and all of d0+1 .. d0+j-1
+        return np.cumsum(self._seq_lengths[self.document_index[d0:d1]], dtype=np.int64) - o0
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

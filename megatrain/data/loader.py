@@ -10,6 +10,7 @@ so a run resumed with another DP size at ``consumed_samples`` continues exactly 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -31,6 +32,8 @@ from megatrain.files import sha256_file
 logger = logging.getLogger(__name__)
 
 DEMO_CACHE_DIR = os.path.join("~", ".cache", "megatrain", "demo")
+# The loss's ignore index (megatrain.parallel.cross_entropy.IGNORE_INDEX; data/ does not import the model side)
+IGNORE_INDEX = -100
 
 
 def resolve_data_path(data_cfg) -> str:
@@ -201,39 +204,101 @@ def _collate(samples: list) -> tuple:
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # (mb, seq_len) each
 
 
+def document_positions(starts: np.ndarray, seq_len: int) -> np.ndarray:
+    """int64[seq_len]: each input token's position in its document, from the offsets where documents
+    begin (:meth:`GPTDataset.document_starts`). The sample's first token is position 0 even mid-document:
+    the sample cannot see what came before it, and positions stay below seq_len (the RoPE tables).
+    One sample at a time: the definition the loader's vectorized collate is tested against."""
+    bounds = np.concatenate([[0], starts[starts < seq_len], [seq_len]]).astype(np.int64)
+    return np.arange(seq_len, dtype=np.int64) - np.repeat(bounds[:-1], np.diff(bounds))
+
+
+def _collate_documents(samples: list, positions: bool, mask_loss: bool) -> tuple:
+    """(tokens, labels[, position_ids]) from (tokens, document starts) pairs; position_ids (mb, seq_len).
+    Numpy throughout, vectorized over the micro-batch."""
+    import torch
+
+    batch = np.stack([s for s, _ in samples])  # (mb, seq_len + 1) int64
+    seq_len = batch.shape[1] - 1
+    labels = batch[:, 1:].copy()
+    if mask_loss:
+        for row, (_, starts) in enumerate(samples):
+            # label t is token t + 1: a document's first token, predicted from the previous document
+            labels[row, starts - 1] = IGNORE_INDEX
+    out = (torch.from_numpy(np.ascontiguousarray(batch[:, :-1])), torch.from_numpy(labels))
+    if not positions:
+        return out
+    # every document's start in the flattened (mb * seq_len) batch, each row's start included, in order
+    mb = len(samples)
+    begins = np.concatenate([row * seq_len + np.concatenate([[0], st[st < seq_len]])
+                             for row, (_, st) in enumerate(samples)] + [[mb * seq_len]]).astype(np.int64)
+    pos = np.arange(mb * seq_len, dtype=np.int64) - np.repeat(begins[:-1], np.diff(begins))
+    return (*out, torch.from_numpy(pos.reshape(mb, seq_len)))
+
+
+def document_options(data_cfg) -> dict:
+    """The loader's document keywords from ``cfg.data`` (see :class:`MicroBatchSampler`)."""
+    return {"document_layout": bool(data_cfg.document_mask), "eod_mask_loss": bool(data_cfg.eod_mask_loss)}
+
+
 class _Wrapped:
     """dataset[i] for any global sample id: past the end, the stream starts over (with a warning)."""
 
     def __init__(self, dataset):
         self.dataset, self.n, self.warned = dataset, len(dataset), False
 
+    def _wrap(self, i: int) -> int:
+        if not self.warned:
+            logger.warning("sample %d is past the %d samples built for this split; starting over "
+                           "(ask build_datasets for more samples)", i, self.n)
+            self.warned = True
+        return i % self.n
+
     def __getitem__(self, i: int):
         if i >= self.n:
-            if not self.warned:
-                logger.warning("sample %d is past the %d samples built for this split; starting over "
-                               "(ask build_datasets for more samples)", i, self.n)
-                self.warned = True
-            i %= self.n
+            i = self._wrap(i)
         return self.dataset[i]
+
+    def document_starts(self, i: int) -> np.ndarray:
+        if i >= self.n:
+            i = self._wrap(i)
+        return self.dataset.document_starts(i)
 
     def __len__(self) -> int:
         return self.n
 
 
+class _WithStarts:
+    """(tokens, document starts) per sample, for the document-aware collate."""
+
+    def __init__(self, wrapped: _Wrapped):
+        if not hasattr(wrapped.dataset, "document_starts"):
+            raise TypeError(f"{type(wrapped.dataset).__name__} has no document_starts(): data.document_mask and "
+                            f"data.eod_mask_loss need a GPTDataset or BlendedDataset")
+        self.wrapped = wrapped
+
+    def __getitem__(self, i: int) -> tuple:
+        return self.wrapped[i], self.wrapped.document_starts(i)
+
+    def __len__(self) -> int:
+        return len(self.wrapped)
+
+
 _END = object()  # put by the prefetch thread after the last micro-batch of a bounded sampler
 
 
-def _produce(indices: Iterator[range], dataset, out: queue.Queue, stop: threading.Event, pin: bool) -> None:
+def _produce(indices: Iterator[range], dataset, out: queue.Queue, stop: threading.Event, pin: bool,
+             collate=_collate) -> None:
     """Prefetch thread: assemble micro-batches ahead of the consumer until ``stop`` is set or the
     indices run out (then ``_END``)."""
     try:
         for ids in indices:
-            tokens, labels = _collate([dataset[i] for i in ids])
+            batch = collate([dataset[i] for i in ids])
             if pin:
-                tokens, labels = tokens.pin_memory(), labels.pin_memory()
+                batch = tuple(t.pin_memory() for t in batch)
             while not stop.is_set():
                 try:
-                    out.put((tokens, labels), timeout=0.1)
+                    out.put(batch, timeout=0.1)
                     break
                 except queue.Full:
                     continue
@@ -253,20 +318,36 @@ def _stop_prefetch(stop: threading.Event, thread: Optional[threading.Thread]) ->
 class MicroBatchSampler:
     """Iterator over (tokens, labels) torch.LongTensor (micro_batch, seq_len) for one DP rank, forever.
 
+    With ``document_layout`` each item is (tokens, labels, position_ids): position_ids (micro_batch,
+    seq_len) int64 is every token's position in its document (0 where a document begins), the layout
+    that document-masked attention and per-document RoPE read. With ``eod_mask_loss`` the label of
+    every document's first token (predicted from the document before it) is ``IGNORE_INDEX``. Both
+    come from the sample index (``document_starts``); with neither, batches are exactly as before.
+
     Batches are assembled ahead of time: by a background thread (``num_workers=0``) or by a torch
     DataLoader with worker processes. Memory is pinned when CUDA is available.
 
+    ``context=(rank, size)``: context parallelism; every rank of a context group reads the same samples
+    (they share a DP rank) and keeps its contiguous 1/size of each sequence, (micro_batch, seq_len/size).
+    Labels are shifted before the slice, so the label of a slice's last token is the next slice's first.
     ``num_micro_batches`` bounds the stream (then StopIteration): the prefetch then never reads
     samples the caller will not use, so a split built for exactly that many is never read past.
     """
 
     def __init__(self, dataset, *, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int,
                  consumed_samples: int = 0, prefetch: int = 4, num_workers: int = 0,
-                 pin_memory: Optional[bool] = None, num_micro_batches: Optional[int] = None):
+                 pin_memory: Optional[bool] = None, context: tuple[int, int] = (0, 1),
+                 document_layout: bool = False, eod_mask_loss: bool = False,
+                 num_micro_batches: Optional[int] = None):
         check_batch_arguments(micro_batch_size, global_batch_size, dp_rank, dp_size, consumed_samples)
         import torch
 
+        self.context = context
         self.dataset = _Wrapped(dataset)
+        self._collate = _collate
+        if document_layout or eod_mask_loss:
+            self.dataset = _WithStarts(self.dataset)
+            self._collate = functools.partial(_collate_documents, positions=document_layout, mask_loss=eod_mask_loss)
         self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
         self.dp_rank, self.dp_size, self.consumed_samples = dp_rank, dp_size, consumed_samples
         self.num_micro_steps = global_batch_size // (micro_batch_size * dp_size)
@@ -286,7 +367,7 @@ class MicroBatchSampler:
             # evaluation), the finalizer stops the thread instead of the thread keeping the sampler alive.
             self._thread = threading.Thread(target=_produce, name="megatrain-prefetch", daemon=True,
                                             args=(self._indices, self.dataset, self._queue, self._stop,
-                                                  self.pin_memory))
+                                                  self.pin_memory, self._collate))
             self._thread.start()
         # Runs when the sampler is dropped, on close(), and at interpreter exit (finalizers run before daemon
         # threads are killed): a prefetch thread caught mid-batch at shutdown can abort the interpreter.
@@ -295,7 +376,7 @@ class MicroBatchSampler:
     def _loader_iter(self, num_workers: int, prefetch: int) -> Iterator[tuple]:
         import torch.utils.data as tud
 
-        loader = tud.DataLoader(self.dataset, batch_sampler=(list(r) for r in self._indices), collate_fn=_collate,
+        loader = tud.DataLoader(self.dataset, batch_sampler=(list(r) for r in self._indices), collate_fn=self._collate,
                                 num_workers=num_workers, pin_memory=self.pin_memory,
                                 prefetch_factor=max(1, prefetch // num_workers), persistent_workers=False)
         return iter(loader)
@@ -304,6 +385,17 @@ class MicroBatchSampler:
         return self
 
     def __next__(self) -> tuple:
+        item = self._next_whole()
+        if self.context[1] == 1:
+            return item
+        from megatrain.parallel.context import context_slice
+
+        rank, size = self.context
+        tokens, labels, *layout = item
+        # position_ids stay whole: attention after the all-to-all sees every token (model/documents.py)
+        return (context_slice(tokens, rank, size), context_slice(labels, rank, size), *layout)
+
+    def _next_whole(self) -> tuple:
         if self._iter is not None:
             return next(self._iter)
         while True:
@@ -327,9 +419,12 @@ class MicroBatchSampler:
 
 def build_micro_batches(dataset, *, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int,
                         consumed_samples: int, num_workers: int = 0, prefetch: int = 4,
-                        num_micro_batches: Optional[int] = None) -> MicroBatchSampler:
-    """This DP rank's (tokens, labels) micro-batches, in order, forever or for ``num_micro_batches``
-    (see :class:`MicroBatchSampler`)."""
+                        context: tuple[int, int] = (0, 1), document_layout: bool = False,
+                        eod_mask_loss: bool = False, num_micro_batches: Optional[int] = None) -> MicroBatchSampler:
+    """This DP rank's (tokens, labels[, position_ids]) micro-batches, in order, forever or for
+    ``num_micro_batches`` (see :class:`MicroBatchSampler`)."""
     return MicroBatchSampler(dataset, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
                              dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples,
-                             num_workers=num_workers, prefetch=prefetch, num_micro_batches=num_micro_batches)
+                             num_workers=num_workers, prefetch=prefetch, context=context,
+                             document_layout=document_layout, eod_mask_loss=eod_mask_loss,
+                             num_micro_batches=num_micro_batches)

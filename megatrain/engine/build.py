@@ -30,11 +30,13 @@ def build_ctx(cfg: Config, st: ParallelState, device: torch.device) -> Ctx:
 
     rng = RNGTracker(device)
     rng.seed(cfg.train.seed, st.tp_rank)
-    return Ctx(tp_group=st.tp_group, rng=rng, device=device, loss_chunk_tokens=cfg.train.loss_chunk_tokens)
+    return Ctx(tp_group=st.tp_group, rng=rng, device=device, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+               sequence_parallel=cfg.parallel.sequence_parallel, cp_group=st.cp_group if st.cp_size > 1 else None,
+               document_positions=cfg.data.document_positions)
 
 
-def _tied_head_forward(module: nn.Module, h: torch.Tensor, tp_group: Any) -> torch.Tensor:
-    return head_logits(module.weight, h, tp_group)
+def _tied_head_forward(module: nn.Module, h: torch.Tensor, tp_group: Any, sequence_parallel: bool) -> torch.Tensor:
+    return head_logits(module.weight, h, tp_group, sequence_parallel)
 
 
 def build_pipeline_module(cfg: Config, st: ParallelState, ctx: Ctx) -> nn.Module:
@@ -46,14 +48,15 @@ def build_pipeline_module(cfg: Config, st: ParallelState, ctx: Ctx) -> nn.Module
     specs = []
     for i, part in enumerate(parts):
         if part.tie and i == len(parts) - 1:
-            fwd = functools.partial(_tied_head_forward, tp_group=st.tp_group)
+            fwd = functools.partial(_tied_head_forward, tp_group=st.tp_group, sequence_parallel=ctx.sequence_parallel)
             specs.append(TiedLayerSpec(part.tie, part.cls, cfg.model, ctx, forward_fn=fwd, tied_weight_attr="weight"))
         elif part.tie:
             specs.append(TiedLayerSpec(part.tie, part.cls, cfg.model, ctx, tied_weight_attr="weight"))
         else:
             specs.append(LayerSpec(part.cls, cfg.model, ctx, *part.args))
-    topo = PipeModelDataParallelTopology(num_pp=st.pp_size, num_mp=st.tp_size, num_dp=st.dp_size)
-    loss = functools.partial(logits_loss, tp_group=st.tp_group)
+    # DeepSpeed's data axis is our data x context ranks (same rank order, parallel/state.py)
+    topo = PipeModelDataParallelTopology(num_pp=st.pp_size, num_mp=st.tp_size, num_dp=st.dp_size * st.cp_size)
+    loss = functools.partial(logits_loss, tp_group=st.tp_group, cp_group=ctx.cp_group)
     pipe = PipelineModule(layers=specs, topology=topo, loss_fn=loss,
                           partition_method=cfg.parallel.pipeline_partition,
                           activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
@@ -84,6 +87,13 @@ def build_partitioned_model(cfg: Config, st: ParallelState, ctx: Ctx, ds_config:
     return module
 
 
+def pipeline_batches(batches):
+    """The loader's micro-batches in DeepSpeed's pipeline form (inputs, labels); with a document layout
+    the inputs are (tokens, position_ids), which the first stage passes on with the hidden states."""
+    for batch in batches:
+        yield batch if len(batch) == 2 else ((batch[0], batch[2]), batch[1])
+
+
 @dataclass
 class Built:
     engine: Any
@@ -104,7 +114,8 @@ def build_engine(cfg: Config, st: ParallelState, device: torch.device, plan: Bat
     from megatrain.model import kernels
     from megatrain.telemetry import ds_output
 
-    mode = kernels.configure_kernels(cfg.train.fused_kernels)  # before any module exists
+    mode = kernels.configure_kernels(cfg.train.fused_kernels,  # before any module exists
+                                     document_attention=cfg.train.document_attention if cfg.data.document_mask else None)
     internals.check_version()
     # Wrap the existing process group as DeepSpeed's comm backend; PipelineModule needs it already.
     ds_output.prepare_comm_ops(st.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", st.world_size)))

@@ -67,7 +67,9 @@ def build_ds_config(cfg: Config, plan: BatchPlan) -> dict:
     _check_zero_section(zero, name)
     t = cfg.train
     ds.update({
-        "train_batch_size": plan.global_batch,
+        # DeepSpeed's data-parallel group is data x context (parallel/state.py): to it, each context
+        # rank's slice of a sample is a sample, so its batch is parallel.context times ours.
+        "train_batch_size": plan.global_batch * cfg.parallel.context,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
         "gradient_clipping": cfg.optimizer.grad_clip,
@@ -88,6 +90,11 @@ def build_ds_config(cfg: Config, plan: BatchPlan) -> dict:
     if cfg.parallel.pipeline > 1:
         pipe = ds.setdefault("pipeline", {})
         pipe["activation_checkpoint_interval"] = cfg.parallel.activation_checkpoint_interval
+        if cfg.parallel.sequence_parallel:
+            # DeepSpeed cuts each activation sent between stages over the TP ranks and all-gathers it on
+            # arrival, which assumes TP ranks hold the same activation; under SP each holds other tokens
+            # (already 1/tp of the sequence, so there is nothing left to save by cutting).
+            pipe["pipe_partitioned"] = pipe["grad_partitioned"] = False
     if not torch.cuda.is_available() or cfg.deepspeed.offload != "none":
         # Lets DeepSpeed drive torch's AdamW where its compiled CPU Adam is not wanted (CPU runs).
         ds["zero_force_ds_cpu_optimizer"] = False

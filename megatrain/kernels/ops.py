@@ -131,6 +131,11 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(gate_up)
 
 
+def _cos_strides(cos: torch.Tensor) -> tuple[int, int]:
+    """(batch stride, position stride) of a (T, D) table (batch stride 0) or per-sample (B, T, D) tables."""
+    return (cos.stride(0), cos.stride(1)) if cos.dim() == 3 else (0, cos.stride(0))
+
+
 def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
     """Rotate x (B, T, H, D), any strides with a unit last stride, into a new contiguous tensor."""
     if x.stride(-1) != 1:
@@ -139,7 +144,7 @@ def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward
     y = torch.empty((b, t, h, d), dtype=x.dtype, device=x.device)
     block_h = triton.next_power_of_2(h)
     tk.rope_kernel[(b * t,)](x, cos, sin, y, t, h, x.stride(0), x.stride(1), x.stride(2), y.stride(0),
-                             y.stride(1), y.stride(2), cos.stride(0), HALF=d // 2, BLOCK_H=block_h,
+                             y.stride(1), y.stride(2), *_cos_strides(cos), HALF=d // 2, BLOCK_H=block_h,
                              BACKWARD=backward, num_warps=4)
     return y
 
@@ -168,7 +173,7 @@ def _qkv_launch(qkv, cos, sin, q, k, v, backward: bool) -> None:
     nrows = kv * r2
     tk.qkv_rope_kernel[(b * t,)](qkv, cos, sin, q, k, v, t, r2, nrows, qkv.stride(0), qkv.stride(1),
                                  q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                                 v.stride(0), v.stride(1), v.stride(2), cos.stride(0), HALF=d // 2,
+                                 v.stride(0), v.stride(1), v.stride(2), *_cos_strides(cos), HALF=d // 2,
                                  BLOCK_R=triton.next_power_of_2(nrows), BACKWARD=backward, num_warps=4)
 
 

@@ -102,17 +102,18 @@ def swiglu_bwd_kernel(DY, GU, DGU, F, stride_dy, stride_gu, stride_dgu, BLOCK: t
 
 @triton.jit
 def rope_kernel(X, COS, SIN, Y, T, NH, stride_xb, stride_xt, stride_xh, stride_yb, stride_yt, stride_yh,
-                stride_cos, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr):
+                stride_cos_b, stride_cos, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr):
     """All heads of one (b, t) per program, "rotate half" layout: y1 = x1 c - x2 s, y2 = x2 c + x1 s.
-    The backward pass is the inverse rotation (s -> -s), the transpose of this orthogonal map."""
+    The backward pass is the inverse rotation (s -> -s), the transpose of this orthogonal map.
+    ``stride_cos_b`` is 0 for one (T, D) table, or the batch stride of per-sample (B, T, D) tables."""
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
     t = (pid % T).to(tl.int64)
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, HALF)[None, :]
     mask = h < NH
-    c = tl.load(COS + t * stride_cos + d).to(tl.float32)
-    s = tl.load(SIN + t * stride_cos + d).to(tl.float32)
+    c = tl.load(COS + b * stride_cos_b + t * stride_cos + d).to(tl.float32)
+    s = tl.load(SIN + b * stride_cos_b + t * stride_cos + d).to(tl.float32)
     if BACKWARD:
         s = -s
     xp = X + b * stride_xb + t * stride_xt + h * stride_xh + d
@@ -176,7 +177,8 @@ def ce_grad_kernel(Z, LABELS, LSE, SCALE, stride_z, V, vocab_start, ignore_index
 
 @triton.jit
 def qkv_rope_kernel(QKV, COS, SIN, Q, K, V, T, R2, NROWS, stride_b, stride_t, sqb, sqt, sqh, skb, skt, skh,
-                    svb, svt, svh, stride_cos, HALF: tl.constexpr, BLOCK_R: tl.constexpr, BACKWARD: tl.constexpr):
+                    svb, svt, svh, stride_cos_b, stride_cos, HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BACKWARD: tl.constexpr):
     """One (b, t) per program over the fused projection's rows ``(K, r + 2, D)``: slot s < r of group g is
     query head g r + s, slot r the key of group g, slot r + 1 its value (not rotated).
 
@@ -193,8 +195,8 @@ def qkv_rope_kernel(QKV, COS, SIN, Q, K, V, T, R2, NROWS, stride_b, stride_t, sq
     is_q = live & (slot < R2 - 2)
     is_k = live & (slot == R2 - 2)
     is_v = live & (slot == R2 - 1)
-    c = tl.load(COS + t * stride_cos + d).to(tl.float32)
-    s = tl.load(SIN + t * stride_cos + d).to(tl.float32)
+    c = tl.load(COS + b * stride_cos_b + t * stride_cos + d).to(tl.float32)
+    s = tl.load(SIN + b * stride_cos_b + t * stride_cos + d).to(tl.float32)
     c = tl.where(is_v, 1.0, c)  # values pass through unrotated
     s = tl.where(is_v, 0.0, s)
     if BACKWARD:

@@ -33,44 +33,55 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def estimate_memory(cfg: ModelConfig, *, seq_len: int, micro_batch: int, tp: int, pp: int, dp: int,
                     zero_stage: int, offload: str, precision: str, checkpointing: str = "none",
-                    loss_chunk_tokens: int = 0) -> dict[str, float]:
+                    loss_chunk_tokens: int = 0, sequence_parallel: bool = False, cp: int = 1) -> dict[str, float]:
     """Bytes per GPU by component, for the rank that holds the most (first pipeline stage).
 
     Weights, gradients and AdamW state follow ZeRO's partitioning (stage 1 shards optimizer state,
-    2 also gradients, 3 also weights, over DP). Activations per layer follow Korthikanti et al. 2022
-    without sequence parallelism and with flash attention (no s^2 term): s*b*h*(10 + 24/t) bytes in
-    16-bit (doubled in fp32); 1F1B keeps ``pp`` micro-batches in flight on the first stage, which
-    holds L/pp layers, so the stage holds about L layers' worth. Full recomputation keeps only each
-    layer's input plus one layer's working set. Selective recomputation (megatrain/parallelize.py)
-    keeps the layer input and the outputs of every GEMM and of attention: q/k/v, the attention output,
-    the output projection, gate and up, and the down projection."""
+    2 also gradients, 3 also weights) over the data x context ranks (``dp`` x ``cp``: context ranks hold
+    the same weights). Activations per layer follow Korthikanti et al. 2022 with flash attention (no
+    s^2 term): s*b*h*(10 + 24/t) bytes in 16-bit (doubled in fp32), or s*b*h*34/t with sequence
+    parallelism, whose norms, residual adds and dropouts hold s/t tokens; context parallelism holds s/cp
+    tokens of everything (attention works on the whole sequence for 1/cp of the heads: the same count).
+    1F1B keeps ``pp`` micro-batches in flight on the first stage, which holds L/pp layers, so the stage
+    holds about L layers' worth. Full recomputation keeps only each layer's input plus one layer's
+    working set. Selective recomputation (megatrain/parallelize.py) keeps the layer input and the outputs
+    of every GEMM and of attention: q/k/v, the attention output, the output projection, gate and up, and
+    the down projection."""
     n = num_params(cfg)
     per_rank = (n["total"] - n["embedding"] - n["head"]) / (tp * pp) + (n["embedding"] + n["head"]) / tp / min(pp, 2)
     half = precision in ("bf16", "fp16")
     wbytes = 2 if half else 4
-    weights = per_rank * wbytes / (dp if zero_stage == 3 else 1)
-    grads = per_rank * wbytes / (dp if zero_stage >= 2 else 1)
+    shards = dp * cp
+    weights = per_rank * wbytes / (shards if zero_stage == 3 else 1)
+    grads = per_rank * wbytes / (shards if zero_stage >= 2 else 1)
     # AdamW: fp32 m and v, plus an fp32 master copy of the weights under mixed precision.
-    opt = per_rank * (12 if half else 8) / (dp if zero_stage >= 1 else 1)
+    opt = per_rank * (12 if half else 8) / (shards if zero_stage >= 1 else 1)
     if offload in ("optimizer", "all"):
         opt = 0.0
     if offload == "all":
         weights = 0.0
-    s, b, h = seq_len, micro_batch, cfg.hidden_size
-    act_scale = 1 if half else 2
-    per_layer = s * b * h * (10 + 24 / tp) * act_scale
-    if checkpointing == "full":
-        acts = cfg.num_layers * 2 * s * b * h * act_scale + per_layer
-    elif checkpointing == "selective":
-        qkv = (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim
-        saved = (qkv + h + 2 * cfg.ffn_size) / tp + 3 * h  # column-parallel outputs split; row-parallel full
-        acts = cfg.num_layers * s * b * saved * 2 * act_scale + per_layer
-    else:
-        acts = cfg.num_layers * per_layer
+    out = {"weights": weights, "gradients": grads, "optimizer": opt,
+           "activations": _activations(cfg, seq_len // cp, micro_batch, tp, half, checkpointing, sequence_parallel)}
     from megatrain.parallel.cross_entropy import auto_chunk_tokens
 
+    s, b, h = seq_len // cp, micro_batch, cfg.hidden_size
     chunk = loss_chunk_tokens or auto_chunk_tokens(cfg.vocab_size // tp)
-    loss = min(chunk, s * b) * (cfg.vocab_size // tp) * 4 + s * b * h * wbytes
-    out = {"weights": weights, "gradients": grads, "optimizer": opt, "activations": acts, "loss": loss}
+    # one chunk of fp32 logits plus the head's input gathered over TP (s/cp tokens) and its gradient
+    out["loss"] = min(chunk, s * b) * (cfg.vocab_size // tp) * 4 + s * b * h * wbytes
     out["total"] = sum(out.values())
     return out
+
+
+def _activations(cfg: ModelConfig, s: int, b: int, tp: int, half: bool, checkpointing: str, sp: bool) -> float:
+    """Activation bytes of all layers for ``s`` tokens per rank (already divided by the context degree)."""
+    h = cfg.hidden_size
+    act_scale = 1 if half else 2
+    per_layer = s * b * h * (34 / tp if sp else 10 + 24 / tp) * act_scale
+    split = tp if sp else 1  # what lives between TP regions: s/tp tokens under sequence parallelism
+    if checkpointing == "full":
+        return cfg.num_layers * 2 * s * b * h / split * act_scale + per_layer
+    if checkpointing == "selective":
+        qkv = (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim
+        saved = (qkv + h + 2 * cfg.ffn_size) / tp + 3 * h / split  # column-parallel outputs split; row-parallel
+        return cfg.num_layers * s * b * saved * 2 * act_scale + per_layer
+    return cfg.num_layers * per_layer

@@ -14,6 +14,8 @@ same signatures so the model file never changes:
 
 Attention is always SDPA; ``attention=`` picks which SDPA backend is tried
 first (see docs/perf-notes.md for the measurements behind the default).
+Document-masked attention (``data.document_mask``) has its own kernels in
+:mod:`megatrain.model.documents`, chosen by ``document_attention=``.
 Tests compare every fused path with the reference.
 """
 
@@ -49,9 +51,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (B, T, H, D) and k (B, T, K, D) by position; cos/sin are (T, D) fp32 tables."""
-    cos = cos[None, :, None, :].to(q.dtype)
-    sin = sin[None, :, None, :].to(q.dtype)
+    """Rotate q (B, T, H, D) and k (B, T, K, D) by position; cos/sin are (T, D) fp32 tables, or (B, T, D)
+    when every sample has its own positions (documents)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, :, None, :].to(q.dtype), sin[:, :, None, :].to(q.dtype)
+    else:
+        cos = cos[None, :, None, :].to(q.dtype)
+        sin = sin[None, :, None, :].to(q.dtype)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -129,9 +135,15 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return swiglu_reference(gate_up)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+              documents: Optional[Any] = None) -> torch.Tensor:
     """Causal attention, q (B, H, T, D), k/v (B, K, T, D) with H a multiple of K (grouped-query):
-    query head h attends with KV head h // (H / K)."""
+    query head h attends with KV head h // (H / K). With ``documents`` (a DocumentLayout) a token
+    attends only within its own document (block-causal; :mod:`megatrain.model.documents`)."""
+    if documents is not None:
+        from megatrain.model import documents as docs
+
+        return docs.attention(q, k, v, documents, dropout_p)
     gqa = q.shape[1] != k.shape[1]
     if gqa and _expand_kv and q.is_cuda:
         r = q.shape[1] // k.shape[1]
@@ -166,11 +178,12 @@ def triton_available() -> bool:
     return True
 
 
-def configure_kernels(mode: str = "auto", attention: str = "auto") -> str:
+def configure_kernels(mode: str = "auto", attention: str = "auto", document_attention: Optional[str] = None) -> str:
     """Select the implementations for this process; returns the mode in effect ("triton" or "torch").
 
     ``mode`` is ``train.fused_kernels`` (auto | triton | torch); asking for triton where it cannot run
-    logs a warning and keeps the references, so CPU runs work with any setting.
+    logs a warning and keeps the references, so CPU runs work with any setting. ``document_attention``
+    (``train.document_attention``, given when ``data.document_mask`` is on) picks the block-causal kernel.
     """
     global _fused, _expand_kv
     if mode not in ("auto", "triton", "torch"):
@@ -185,6 +198,10 @@ def configure_kernels(mode: str = "auto", attention: str = "auto") -> str:
     _fused = mode != "torch" and ok
     _expand_kv = _set_sdpa_backend(attention)
     log.info("kernels: %s elementwise and loss, SDPA backend %s", "Triton" if _fused else "PyTorch", attention)
+    if document_attention is not None:
+        from megatrain.model import documents
+
+        log.info("kernels: document attention %s", documents.configure(document_attention))
     return "triton" if _fused else "torch"
 
 

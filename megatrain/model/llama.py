@@ -8,10 +8,21 @@ plain model (:class:`LlamaModel`) and the pipeline stages (``engine.py`` wraps
 
 Shapes: B batch, T sequence, C hidden, H query heads (this rank's), K KV heads
 (this rank's), D head dim, F FFN width (this rank's), V vocabulary (this rank's).
+
+Splitting the sequence (both chosen by the :class:`Ctx` the parts are built with):
+with context parallelism every T below is this context rank's slice (T/cp of the
+sample; RoPE uses the global positions, attention goes through
+``parallel.context``); with sequence parallelism the residual stream between
+the TP layers holds T/tp of those tokens, the TP layers gathering and scattering.
+
+Packed documents (``data.document_mask``): ``position_ids`` (B, T), each token's position in its
+document, goes with the tokens and through every block; attention is then block-causal and RoPE
+uses those positions (:mod:`megatrain.model.documents`). Without it every path is the plain causal one.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -22,10 +33,12 @@ import torch.nn.functional as F
 
 from megatrain.config import ModelConfig
 from megatrain.model import kernels
+from megatrain.model.documents import layout_for
+from megatrain.parallel.context import context_attention, context_mean, context_rank_size, gather_context
 from megatrain.parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
 from megatrain.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                        init_tp_param, tp_info)
-from megatrain.parallel.mappings import copy_to_tp, gather_from_tp
+from megatrain.parallel.mappings import copy_to_tp, gather_from_tp, gather_seq
 from megatrain.parallel.random import RNGTracker
 
 
@@ -33,15 +46,21 @@ from megatrain.parallel.random import RNGTracker
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * w, computed in fp32 (bf16 squares lose the small components)."""
+    """x / sqrt(mean(x^2) + eps) * w, computed in fp32 (bf16 squares lose the small components).
 
-    def __init__(self, dim: int, eps: float, device: Optional[torch.device] = None):
+    ``sp_group``: under sequence parallelism each TP rank normalises other tokens, so the weight's
+    gradient is the sum over the group (``copy_to_tp``: identity forward, all-reduce backward)."""
+
+    def __init__(self, dim: int, eps: float, device: Optional[torch.device] = None, sp_group: Any = None):
         super().__init__()
-        self.eps = eps
+        self.eps, self.sp_group = eps, sp_group
         self.weight = nn.Parameter(torch.ones(dim, device=device))
 
+    def scale(self) -> torch.Tensor:
+        return self.weight if self.sp_group is None else copy_to_tp(self.weight, self.sp_group)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.rms_norm(x, self.scale(), self.eps)
 
     def reset_parameters(self, seed: int, key: str) -> None:
         with torch.no_grad():
@@ -90,13 +109,22 @@ class Rotary:
 
 @dataclass
 class Ctx:
-    """What every part needs besides its config: the TP group, the RNG tracker, kernels and device."""
+    """What every part needs besides its config: the TP and context groups, the RNG tracker, kernels
+    and device. ``sequence_parallel`` (needs a TP group) splits the residual stream over TP ranks."""
 
     tp_group: Any = None
     rng: Optional[RNGTracker] = None
     device: Optional[torch.device] = None
     dtype: Optional[torch.dtype] = None
     loss_chunk_tokens: int = 0
+    sequence_parallel: bool = False
+    cp_group: Any = None
+    document_positions: bool = True  # with position_ids: RoPE restarts per document (else 0..T-1)
+
+    @property
+    def sp_group(self) -> Any:
+        """The group the sequence is split over between TP regions (None without SP)."""
+        return self.tp_group if self.sequence_parallel else None
 
 
 class Attention(nn.Module):
@@ -108,29 +136,42 @@ class Attention(nn.Module):
         self.kv_local = cfg.kv_heads // tp
         self.dropout = cfg.dropout
         self.rng = ctx.rng
+        self.cp_group = ctx.cp_group
+        self.document_positions = ctx.document_positions
         self.rotary = Rotary(cfg)
         # One GEMM for Q, K and V, grouped by KV head so that a TP split takes whole groups:
         # canonical weight (kv_heads, q_per_kv + 2, D, C) = per group [q_0 .. q_{r-1}, k, v].
         self.qkv = ColumnParallelLinear(cfg.hidden_size, (cfg.kv_heads, self.q_per_kv + 2, cfg.head_dim),
-                                        tp_group=ctx.tp_group, split_dim=0, device=ctx.device)
+                                        tp_group=ctx.tp_group, split_dim=0, device=ctx.device,
+                                        sequence_parallel=ctx.sequence_parallel)
         self.o = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp_group=ctx.tp_group,
-                                   device=ctx.device)
+                                   device=ctx.device, sequence_parallel=ctx.sequence_parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        qkv = self.qkv(x).view(b, t, self.kv_local, self.q_per_kv + 2, self.head_dim)  # (B, T, K, r+2, D)
-        cos, sin = self.rotary.tables(t, x.device)
-        # q (B, T, H, D) with head h using KV h // r; k, v (B, T, K, D); q and k rotated
-        q, k, v = kernels.split_qkv_rope(qkv, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Any = None) -> torch.Tensor:
+        # (B, H|K, T, D) each; with ``docs`` (a DocumentLayout of the whole sequence) block-causal
         p = self.dropout if self.training else 0.0
         if p > 0 and self.rng is not None:
             with self.rng.fork():  # heads are split over TP ranks: each rank drops its own pattern
-                y = kernels.attention(q, k, v, p)
+                return kernels.attention(q, k, v, p, docs)
+        return kernels.attention(q, k, v, p, docs)
+
+    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x (B, T or T/tp with SP, C); position_ids (B, T cp): every token's position in its document,
+        # for the whole sequence on every context rank
+        qkv = self.qkv(x)  # (B, T, K (r+2) D): gathered over TP under sequence parallelism
+        b, t = qkv.shape[:2]
+        qkv = qkv.view(b, t, self.kv_local, self.q_per_kv + 2, self.head_dim)  # (B, T, K, r+2, D)
+        cp_rank, cp = context_rank_size(self.cp_group)
+        docs = None if position_ids is None else layout_for(position_ids)  # built once per micro-batch
+        if docs is not None and self.document_positions:
+            cos, sin = docs.rope_tables(self.rotary, cp_rank * t, t)  # (B, T, D): restarting per document
         else:
-            y = kernels.attention(q, k, v, p)
-        y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*D)
-        return self.o(y)
+            cos, sin = self.rotary.tables(t * cp, x.device)  # (T cp, D): the whole sequence's positions
+            cos, sin = cos[cp_rank * t:(cp_rank + 1) * t], sin[cp_rank * t:(cp_rank + 1) * t]  # this slice's
+        # q (B, T, H, D) with head h using KV h // r; k, v (B, T, K, D); q and k rotated
+        q, k, v = kernels.split_qkv_rope(qkv, cos, sin)
+        y = context_attention(q, k, v, self.cp_group, functools.partial(self._attend, docs=docs))  # (B, T, H, D)
+        return self.o(y.reshape(b, t, -1))  # (B, T, H*D) -> (B, T, C) (T/tp with SP)
 
 
 class MLP(nn.Module):
@@ -138,9 +179,11 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, ctx: Ctx):
         super().__init__()
+        sp = ctx.sequence_parallel
         self.gate_up = ColumnParallelLinear(cfg.hidden_size, (2, cfg.ffn_size), tp_group=ctx.tp_group,
-                                            split_dim=1, device=ctx.device)
-        self.down = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, tp_group=ctx.tp_group, device=ctx.device)
+                                            split_dim=1, device=ctx.device, sequence_parallel=sp)
+        self.down = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, tp_group=ctx.tp_group, device=ctx.device,
+                                      sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up(x)  # (B, T, 2F): [gate | up]
@@ -156,15 +199,16 @@ class Block(nn.Module):
         self.std = cfg.init_std
         self.out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.dropout = cfg.dropout
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.device)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.device, ctx.sp_group)
         self.attn = Attention(cfg, ctx)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.device)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.device, ctx.sp_group)
         self.mlp = MLP(cfg, ctx)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # (B, T, C) -> (B, T, C); position_ids (B, T) makes attention document-aware.
         # Recomputation and compile wrap this from outside (megatrain.parallelize).
-        a = F.dropout(self.attn(self.attn_norm(x)), self.dropout, self.training)
-        x, h = kernels.add_rms_norm(x, a, self.mlp_norm.weight, self.mlp_norm.eps)  # x + a, and its norm
+        a = F.dropout(self.attn(self.attn_norm(x), position_ids), self.dropout, self.training)
+        x, h = kernels.add_rms_norm(x, a, self.mlp_norm.scale(), self.mlp_norm.eps)  # x + a, and its norm
         return x + F.dropout(self.mlp(h), self.dropout, self.training)
 
     def reset_parameters(self, seed: int, key: str) -> None:
@@ -181,13 +225,13 @@ class Embedding(nn.Module):
         super().__init__()
         self.std = cfg.init_std
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group=ctx.tp_group,
-                                            device=ctx.device)
+                                            device=ctx.device, sequence_parallel=ctx.sequence_parallel)
 
     @property
     def weight(self) -> nn.Parameter:  # what TiedLayerSpec ties
         return self.embed.weight
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C) (T/tp with SP)
         return self.embed(tokens)
 
     def reset_parameters(self, seed: int, key: str) -> None:
@@ -196,7 +240,7 @@ class Embedding(nn.Module):
 
 class FinalNorm(RMSNorm):
     def __init__(self, cfg: ModelConfig, ctx: Ctx):
-        super().__init__(cfg.hidden_size, cfg.norm_eps, ctx.device)
+        super().__init__(cfg.hidden_size, cfg.norm_eps, ctx.device, ctx.sp_group)
 
 
 class Head(nn.Module):
@@ -205,7 +249,8 @@ class Head(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: Ctx):
         super().__init__()
         self.std = cfg.init_std
-        self.proj = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp_group=ctx.tp_group, device=ctx.device)
+        self.proj = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp_group=ctx.tp_group, device=ctx.device,
+                                         sequence_parallel=ctx.sequence_parallel)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -218,20 +263,29 @@ class Head(nn.Module):
         init_tp_param(self.proj.weight, self.std, "head", seed)
 
 
-def head_logits(weight: torch.Tensor, h: torch.Tensor, tp_group: Any) -> torch.Tensor:
-    """Local vocab-parallel logits (B, T, V/p) from hidden states (B, T, C) and a (V/p, C) weight."""
-    return F.linear(copy_to_tp(h, tp_group), weight)
+def _into_head(h: torch.Tensor, tp_group: Any, sequence_parallel: bool) -> torch.Tensor:
+    """The head's input in the TP region: this rank's T/tp tokens all-gathered under sequence
+    parallelism (every TP rank needs every token for its slice of the vocabulary), else replicated."""
+    return gather_seq(h, tp_group) if sequence_parallel else copy_to_tp(h, tp_group)
+
+
+def head_logits(weight: torch.Tensor, h: torch.Tensor, tp_group: Any, sequence_parallel: bool = False) -> torch.Tensor:
+    """Local vocab-parallel logits (B, T, V/p) from hidden states (B, T, C) (T/tp with SP) and a (V/p, C) weight."""
+    return F.linear(_into_head(h, tp_group, sequence_parallel), weight)
 
 
 def head_loss(weight: torch.Tensor, h: torch.Tensor, labels: torch.Tensor, ctx: Ctx) -> torch.Tensor:
-    """Mean cross-entropy of the head's logits, chunked so full fp32 logits never exist."""
-    return kernels.linear_cross_entropy(copy_to_tp(h, ctx.tp_group), weight, labels, ctx.tp_group,
-                                        ctx.loss_chunk_tokens)
+    """Mean cross-entropy of the head's logits over the whole sequence (all context ranks), chunked so
+    full fp32 logits never exist. ``labels`` (B, T) are this context rank's, whole over TP."""
+    local = kernels.linear_cross_entropy(_into_head(h, ctx.tp_group, ctx.sequence_parallel), weight, labels,
+                                         ctx.tp_group, ctx.loss_chunk_tokens)
+    return context_mean(local, labels, ctx.cp_group)
 
 
-def logits_loss(logits: torch.Tensor, labels: torch.Tensor, tp_group: Any) -> torch.Tensor:
+def logits_loss(logits: torch.Tensor, labels: torch.Tensor, tp_group: Any, cp_group: Any = None) -> torch.Tensor:
     """Mean cross-entropy from local vocab-parallel logits (the pipeline's loss_fn)."""
-    return masked_mean(vocab_parallel_cross_entropy(logits, labels, tp_group), labels)
+    local = masked_mean(vocab_parallel_cross_entropy(logits, labels, tp_group), labels)
+    return context_mean(local, labels, cp_group)
 
 
 # --------------------------------------------------------------------------- the model
@@ -247,12 +301,43 @@ class Part:
     tie: Optional[str] = None
 
 
+class PipeEmbedding(Embedding):
+    """The embedding as a pipeline stage's first layer: tokens -> x, or (tokens, position_ids) ->
+    (x, position_ids), so the document layout travels between stages with the hidden states."""
+
+    def forward(self, inputs):  # type: ignore[override]
+        if isinstance(inputs, tuple):
+            tokens, position_ids = inputs
+            return super().forward(tokens), position_ids
+        return super().forward(inputs)
+
+
+class PipeBlock(Block):
+    """A block in the pipeline: x -> x, or (x, position_ids) -> (x, position_ids)."""
+
+    def forward(self, inputs):  # type: ignore[override]
+        if isinstance(inputs, tuple):
+            x, position_ids = inputs
+            return super().forward(x, position_ids), position_ids
+        return super().forward(inputs)
+
+
+class PipeFinalNorm(FinalNorm):
+    """The final norm in the pipeline; drops the document layout (the head needs none)."""
+
+    def forward(self, inputs):  # type: ignore[override]
+        return super().forward(inputs[0] if isinstance(inputs, tuple) else inputs)
+
+
 def layer_parts(cfg: ModelConfig) -> list[Part]:
-    """The model as a flat list, in order: what PipelineModule partitions into stages."""
-    parts = [Part("embed", Embedding, tie="embed" if cfg.tie_embeddings else None)]
-    parts += [Part(f"block{i}", Block, (i,)) for i in range(cfg.num_layers)]
-    parts.append(Part("norm", FinalNorm))
-    parts.append(Part("head", Embedding if cfg.tie_embeddings else Head, tie="embed" if cfg.tie_embeddings else None))
+    """The model as a flat list, in order: what PipelineModule partitions into stages. The pipeline
+    variants of the classes take and pass on the (hidden, position_ids) tuple; parameters and names
+    are those of the plain classes."""
+    parts = [Part("embed", PipeEmbedding, tie="embed" if cfg.tie_embeddings else None)]
+    parts += [Part(f"block{i}", PipeBlock, (i,)) for i in range(cfg.num_layers)]
+    parts.append(Part("norm", PipeFinalNorm))
+    parts.append(Part("head", PipeEmbedding if cfg.tie_embeddings else Head,
+                      tie="embed" if cfg.tie_embeddings else None))
     return parts
 
 
@@ -285,27 +370,44 @@ class LlamaModel(nn.Module):
         for key, part in self.init_parts():
             part.reset_parameters(seed, key)
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C), after the final norm
+    def hidden(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # (B, T) -> (B, T, C), after the final norm; position_ids (B, T): document-aware attention
         x = self.embed(tokens)
-        for blk in self.blocks:
-            x = blk(x)
+        if position_ids is None:  # the plain causal path, exactly as without documents
+            for blk in self.blocks:
+                x = blk(x)
+        else:
+            for blk in self.blocks:
+                x = blk(x, position_ids)
         return self.norm(x)
 
-    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Mean loss over non-ignored labels when ``labels`` is given; otherwise full logits (B, T, V)."""
-        h = self.hidden(tokens)
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean loss over non-ignored labels when ``labels`` is given; otherwise full logits (B, T, V)
+        (with context parallelism: ``tokens`` is this rank's slice and the logits cover the whole sequence).
+        ``position_ids`` (B, T), from the loader under ``data.document_mask``, keeps attention and RoPE
+        within each document of a packed sample (the whole sequence's, on every context rank)."""
+        h = self.hidden(tokens, position_ids)
         if labels is not None:
             return head_loss(self.head_weight, h, labels, self.ctx)
-        return gather_from_tp(head_logits(self.head_weight, h, self.ctx.tp_group), self.ctx.tp_group)
+        c = self.ctx
+        logits = gather_from_tp(head_logits(self.head_weight, h, c.tp_group, c.sequence_parallel), c.tp_group)
+        return gather_context(logits, c.cp_group)
 
 
 def build_model(cfg: ModelConfig, *, tp_group: Any = None, device: Any = None, seed: Optional[int] = None,
-                loss_chunk_tokens: int = 0) -> LlamaModel:
+                loss_chunk_tokens: int = 0, sequence_parallel: bool = False, cp_group: Any = None,
+                document_positions: bool = True) -> LlamaModel:
     """Build (and, given a seed, initialise) the TP-sharded model on ``device``."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    tp_rank, _ = tp_info(tp_group)
+    tp_rank, tp_size = tp_info(tp_group)
+    if sequence_parallel and tp_size < 2:
+        from megatrain.config import ConfigError
+
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor >= 2")
     rng = RNGTracker(device)
-    ctx = Ctx(tp_group=tp_group, rng=rng, device=device, loss_chunk_tokens=loss_chunk_tokens)
+    ctx = Ctx(tp_group=tp_group, rng=rng, device=device, loss_chunk_tokens=loss_chunk_tokens,
+              sequence_parallel=sequence_parallel, cp_group=cp_group, document_positions=document_positions)
     model = LlamaModel(cfg, ctx)
     if seed is not None:
         model.init_weights(seed)

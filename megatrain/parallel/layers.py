@@ -18,13 +18,14 @@ TP size, initialisation, checkpoints and conversion are TP-invariant.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatrain.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
+from megatrain.parallel.mappings import (copy_to_tp, gather_from_tp, gather_seq, reduce_from_tp, reduce_scatter_seq,
+                                        scatter_to_tp)
 
 
 def tp_info(group: Optional[Any]) -> tuple[int, int]:
@@ -66,7 +67,9 @@ class ColumnParallelLinear(nn.Module):
     Rank ``i`` holds A_i and computes Y_i = X A_i^T; the input X is replicated on
     every TP rank (``copy_to_tp``: identity forward, all-reduce of dX backward).
     With ``gather_output`` the Y_i are all-gathered into Y; otherwise each rank
-    keeps its Y_i, which is what a following RowParallelLinear expects.
+    keeps its Y_i, which is what a following RowParallelLinear expects. With
+    ``sequence_parallel`` X arrives as this rank's T/p tokens and is all-gathered
+    along the sequence first (reduce-scatter of dX backward).
 
     ``out_shape`` gives the canonical output structure (e.g. ``(kv_heads, q_per_kv + 2, head_dim)``);
     ``split_dim`` is the axis of it that is cut. The weight is ``(*out_shape_local, in_features)``.
@@ -75,14 +78,15 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_shape: Sequence[int] | int, *, tp_group: Optional[Any] = None,
                  split_dim: int = 0, bias: bool = False, gather_output: bool = False,
                  init_std: float = 0.02, dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, sequence_parallel: bool = False):
         super().__init__()
         out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
-        self.tp_group = tp_group
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.tp_rank, self.tp_size = tp_info(tp_group)
         self.in_features, self.gather_output, self.init_std = in_features, gather_output, init_std
         local = _split_shape(out_shape, split_dim, self.tp_size, type(self).__name__)
-        self.out_features_local = math.prod(local)
+        self.out_features_local, self.in_features_local = math.prod(local), in_features
+        self.fp8_gemm: Optional[Callable] = None  # set by megatrain.parallelize (FP8): the local GEMM
         self.weight = mark_tp(nn.Parameter(torch.empty(*local, in_features, dtype=dtype, device=device)),
                               split_dim, (*out_shape, in_features), self.tp_rank)
         self.bias = None
@@ -90,10 +94,14 @@ class ColumnParallelLinear(nn.Module):
             self.bias = mark_tp(nn.Parameter(torch.zeros(*local, dtype=dtype, device=device)), split_dim, out_shape,
                                 self.tp_rank)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_tp(x, self.tp_group)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T or T/p, C) -> (B, T, out/p)
+        x = gather_seq(x, self.tp_group) if self.sequence_parallel else copy_to_tp(x, self.tp_group)
         b = None if self.bias is None else self.bias.view(-1)
-        y = F.linear(x, self.weight.view(self.out_features_local, self.in_features), b)
+        if self.fp8_gemm is not None:
+            y = self.fp8_gemm(x, self.weight)  # (..., out_local), casts per shard; communication stays bf16
+            y = y if b is None else y + b
+        else:
+            y = F.linear(x, self.weight.view(self.out_features_local, self.in_features), b)
         return gather_from_tp(y, self.tp_group) if self.gather_output else y
 
 
@@ -103,17 +111,22 @@ class RowParallelLinear(nn.Module):
     Rank ``i`` holds the columns A_i and the matching slice X_i of the input's last
     dimension (``input_is_parallel``: it comes straight from a ColumnParallelLinear;
     otherwise X is scattered here). Partial products X_i A_i^T are all-reduced
-    (``reduce_from_tp``), then the replicated bias is added once.
+    (``reduce_from_tp``), then the replicated bias is added once. With
+    ``sequence_parallel`` the partial products are reduce-scattered along the
+    sequence instead, so each rank leaves with the summed Y for its T/p tokens.
     """
 
     def __init__(self, in_features: int, out_features: int, *, tp_group: Optional[Any] = None,
                  bias: bool = False, input_is_parallel: bool = True, init_std: float = 0.02,
-                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
+                 sequence_parallel: bool = False):
         super().__init__()
-        self.tp_group = tp_group
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.tp_rank, self.tp_size = tp_info(tp_group)
         self.input_is_parallel, self.init_std = input_is_parallel, init_std
         local = _split_shape((out_features, in_features), 1, self.tp_size, type(self).__name__)
+        self.out_features_local, self.in_features_local = local
+        self.fp8_gemm: Optional[Callable] = None  # set by megatrain.parallelize (FP8): the local GEMM
         self.weight = mark_tp(nn.Parameter(torch.empty(*local, dtype=dtype, device=device)), 1,
                               (out_features, in_features), self.tp_rank)
         self.bias = None
@@ -124,20 +137,23 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.tp_group)
-        y = reduce_from_tp(F.linear(x, self.weight), self.tp_group)
+        local = F.linear(x, self.weight) if self.fp8_gemm is None else self.fp8_gemm(x, self.weight)
+        # (B, T, out) partial sum over this rank's input slice; bf16 communication, FP8 or not
+        y = reduce_scatter_seq(local, self.tp_group) if self.sequence_parallel else reduce_from_tp(local, self.tp_group)
         return y if self.bias is None else y + self.bias
 
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding table E (V, C) split along the vocabulary: rank ``i`` holds rows
     [i V/p, (i+1) V/p). Each rank looks up the ids that fall in its range (others
-    give zero rows), and an all-reduce sums the partial results."""
+    give zero rows), and an all-reduce sums the partial results (a reduce-scatter
+    along the sequence with ``sequence_parallel``: each rank keeps T/p tokens)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_group: Optional[Any] = None,
                  init_std: float = 0.02, dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, sequence_parallel: bool = False):
         super().__init__()
-        self.tp_group = tp_group
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.tp_rank, self.tp_size = tp_info(tp_group)
         self.num_embeddings, self.init_std = num_embeddings, init_std
         local = _split_shape((num_embeddings, embedding_dim), 0, self.tp_size, type(self).__name__)
@@ -151,7 +167,9 @@ class VocabParallelEmbedding(nn.Module):
             return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
-        out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, T, C) partial
+        if self.sequence_parallel:
+            return reduce_scatter_seq(out, self.tp_group)  # (B, T/p, C)
         return reduce_from_tp(out, self.tp_group)
 
 

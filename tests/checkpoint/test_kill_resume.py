@@ -111,3 +111,30 @@ def test_kill9_during_save_loads_newest_complete(zygote, pattern_dataset, tmp_pa
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")], "leftover temporaries"
     _assert_same_curve(run, reference)
     assert_bitwise_equal(checkpoint_tensors(run / "checkpoints" / layout.tag_for_step(STEPS)), reference["final"])
+
+
+DOCUMENTS = ["data.document_mask=true", "data.eod_mask_loss=true"]
+
+
+def test_kill9_with_the_document_mask_resumes_exactly(zygote, pattern_dataset, tmp_path, reference):
+    """Packed samples that respect documents (their layout read from the cached sample index): a run
+    killed mid-way resumes onto the uninterrupted masked run's curve and weights, bitwise."""
+    steps = 6  # fewer than the other tests: the layout adds nothing per step to resume
+    ref, run, log = tmp_path / "ref", tmp_path / "run", tmp_path / "log"
+    args = lambda d: run_args(pattern_dataset, d, *DOCUMENTS, steps=steps)  # noqa: E731
+    assert run_to_end(zygote, args(ref), tmp_path / "ref.log") == [0]
+    losses = dict(loss_records(ref))
+    assert sorted(losses) == list(range(1, steps + 1))
+    assert [losses[s] for s in losses] != [reference["losses"][s] for s in losses], "the mask changed nothing"
+    kill_at = random.Random(os.environ.get("MEGATRAIN_KILL_SEED")).randint(2, 4)
+    pid = zygote.start(args(run), log=log)
+    wait_for_step(run, kill_at, 0, zygote, [pid])
+    os.kill(pid, signal.SIGKILL)
+    assert zygote.wait(pid, 60) == -signal.SIGKILL
+    assert run_to_end(zygote, args(run), log) == [0], log.read_text()[-3000:]
+    assert _resumed_step(log.read_text()) is not None
+    recs = loss_records(run)
+    assert {s for s, _ in recs} == set(range(1, steps + 1))
+    assert all(x == losses[s] for s, x in recs), f"resumed losses differ: {recs} vs {losses}"
+    final = layout.tag_for_step(steps)
+    assert_bitwise_equal(checkpoint_tensors(run / "checkpoints" / final), checkpoint_tensors(ref / "checkpoints" / final))

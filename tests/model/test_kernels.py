@@ -192,12 +192,17 @@ _INTERPRETED = textwrap.dedent("""
 
     ang5 = torch.rand(5, 8) * 20
     cos5, sin5 = torch.cat([ang5, ang5], -1).cos(), torch.cat([ang5, ang5], -1).sin()
+    pos6 = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 0, 1, 2, 3, 4]])
+    pos5 = torch.tensor([[0, 1, 0, 1, 2], [0, 1, 2, 3, 0]])
     h, w, y = torch.randn(50, 32), torch.randn(500, 32) * 0.3, torch.randint(0, 500, (50,))
     y[::7] = -100
     cases = [(ops.rms_norm, K.rms_norm_reference, (torch.randn(2, 5, 96), 1 + torch.randn(96) / 10), (1e-5,)),
              (ops.swiglu, K.swiglu_reference, (torch.randn(2, 5, 80),), ()),
              (ops.apply_rope, K.apply_rope_reference, (q, k), (cos, sin)),
              (ops.split_qkv_rope, split_ref, (qkv5,), (cos5, sin5)),
+             # per-sample tables (B, T, D): document positions (data.document_mask)
+             (ops.apply_rope, K.apply_rope_reference, (q, k), (cos[pos6], sin[pos6])),
+             (ops.split_qkv_rope, split_ref, (qkv5,), (cos5[pos5], sin5[pos5])),
              (lambda a, b, w: ops.add_rms_norm(a, b, w, 1e-5),
               lambda a, b, w: (a + b, K.rms_norm_reference(a + b, w, 1e-5)),
               (torch.randn(2, 5, 96), torch.randn(2, 5, 96), 1 + torch.randn(96) / 10), ()),

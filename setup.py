@@ -35,6 +35,7 @@ setup(
             "megatrain-inspect-data=megatrain_tools.inspect_data:main",
             "megatrain-plot=megatrain_tools.plot_metrics:main",
             "megatrain-convert=megatrain.convert.cli:main",
+            "megatrain-generate=megatrain_tools.generate:main",
         ]
     },
 )

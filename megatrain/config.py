@@ -182,6 +182,13 @@ class ScheduleConfig:
     decay: str = _f("cosine", "cosine | linear | constant | wsd")
     decay_steps: Optional[int] = _f(None, "steps from the start to the end of decay; None means train.max_steps", Range(1, MAX_STEPS))
     wsd_decay_fraction: float = _f(0.2, "wsd: the final fraction of decay_steps spent cooling down linearly", FRACTION)
+    on_extend: str = _f("refuse", "resuming with a later horizon (train.max_steps or decay_steps raised): refuse | "
+                                  "continue (the LR goes on from where it is down to min_lr at the new end: no jump) "
+                                  "| rewarm (back up to the peak over warmup_steps, then the decay to the new end)")
+    extend_step: Optional[int] = _f(None, "set by an extension, not by hand: the step from which the LR follows it",
+                                    NON_NEGATIVE)
+    extend_lr: Optional[float] = _f(None, "set by an extension: the LR at extend_step", NON_NEGATIVE)
+    extend_mode: Optional[str] = _f(None, "set by an extension: continue | rewarm")
 
 
 @dataclass
@@ -227,6 +234,8 @@ class EvalConfig:
 
     interval: int = _f(0, "evaluate on the valid split every N steps (0 = only at the end)", STEPS)
     steps: int = _f(10, "micro-batches per evaluation", Range(0, 10**7))
+    only: bool = _f(False, "evaluate the run's checkpoint (valid, test, eval.datasets) and exit; --eval-only")
+    datasets: list = _f([], "more dataset prefixes to evaluate on (eval.steps micro-batches each, from the start)")
     sample_interval: int = _f(0, "print generated text every N steps (0 = only at the end)", STEPS)
     prompts: list = _f(["The "], "prompts for text samples")
     sample_tokens: int = _f(32, "tokens generated per prompt", Range(0, 2**20))
@@ -282,7 +291,8 @@ class DistributedConfig:
 class RunConfig:
     """Where the run lives."""
 
-    dir: str = _f("runs/demo", "run directory: config.yaml, metrics.jsonl, checkpoints/")
+    dir: str = _f("runs/demo", "run directory: config.yaml, metrics.jsonl, checkpoints/ (default with --config "
+                             "X.yaml: runs/X; '.' for the working directory, never an empty value)")
     name: Optional[str] = _f(None, "human name for logs and wandb (default: the directory's name)")
 
 
@@ -504,6 +514,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError(f"--config {p}: the top level must be a mapping of sections")
         check_expanded_size(loaded, f"--config {p}")
         tree = loaded
+        run = tree.get("run")
+        if run is None or isinstance(run, dict) and "dir" not in run:
+            # a run from X.yaml lives in runs/X unless it says otherwise, not in the demo's runs/demo
+            tree["run"] = {**(run or {}), "dir": f"runs/{p.stem}"}
     for arg in overrides or []:
         key, value = parse_override(arg)
         check_expanded_size(value, arg.split("=", 1)[0])
@@ -579,6 +593,12 @@ def config_from_tree(tree: dict) -> Config:
     return cfg
 
 
+def _check_run_dir(run_dir: Any) -> None:
+    if not isinstance(run_dir, str) or not run_dir.strip():
+        raise ConfigError(f"run.dir={run_dir!r}: empty; give the run's directory (e.g. run.dir=runs/NAME), or "
+                          f"run.dir=. to mean the working directory")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Every check that needs only the config (and, when known, the world size)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -592,7 +612,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     bad = [x for x in cfg.eval.prompts if not isinstance(x, str)]
     if bad:
         raise ConfigError(f"eval.prompts: every prompt must be a string, got {bad!r}; quote them in YAML")
+    if not all(isinstance(x, str) and x for x in cfg.eval.datasets):
+        raise ConfigError(f"eval.datasets={cfg.eval.datasets!r}: a list of dataset prefixes (PATH for PATH.bin/.idx)")
     _check_partition(p.pipeline_partition)
+    _check_run_dir(cfg.run.dir)
     _check_divisibility(m, p)
     validate_sequence_split(cfg)
     if t.seq_len > m.max_seq_len:
@@ -753,6 +776,11 @@ def _check_choices(cfg: Config) -> None:
     _check_fp8(t)
     _choice("train.document_attention", t.document_attention, ("auto", "flex", "varlen", "sdpa"))
     _choice("schedule.decay", cfg.schedule.decay, ("cosine", "linear", "constant", "wsd"))
+    _choice("schedule.on_extend", cfg.schedule.on_extend, ("refuse", "continue", "rewarm"))
+    if cfg.schedule.extend_step is not None and (cfg.schedule.extend_lr is None
+                                                 or cfg.schedule.extend_mode not in ("continue", "rewarm")):
+        raise ConfigError("schedule.extend_step is set without schedule.extend_lr and extend_mode (continue | rewarm): "
+                          "these are written by megatrain when a run is extended; remove all three")
     _choice("deepspeed.offload", cfg.deepspeed.offload, ("none", "optimizer", "all"))
     _choice("checkpoint.verify", cfg.checkpoint.verify, ("off", "sizes", "full"))
     _choice("data.verify", cfg.data.verify, ("sizes", "full"))

@@ -11,6 +11,8 @@ One home for what data preprocessing, checkpoints and conversion all need:
   overlap reading and hashing of large files: hashlib releases the GIL on big buffers).
 - :func:`file_in_the_way`: a regular file that would stop a directory from being created.
 - :func:`check_not_inputs` / :func:`conflict`: an output that is, holds or sits in an input.
+- :func:`save_safetensors`: safetensors' writer, with the umask's file mode (its own is 0600, so
+  others on a shared cluster could not read an export or a checkpoint).
 """
 
 from __future__ import annotations
@@ -195,3 +197,26 @@ def enclosing_checkpoint(path: PathLike, markers: tuple[str, ...]) -> Optional[P
         if p.is_dir() and any((p / m).exists() for m in markers):
             return p
     return None
+# --------------------------------------------------------------------------- file modes
+
+# Read once at import (os.umask can only be read by setting it; doing that later could race with the
+# threads of an asynchronous checkpoint save).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def default_file_mode() -> int:
+    """What open() would give a new regular file under this process's umask."""
+    return 0o666 & ~_UMASK
+
+
+def apply_default_mode(path: Any) -> None:
+    os.chmod(path, default_file_mode())
+
+
+def save_safetensors(tensors: dict, path: Any, metadata: Optional[dict] = None) -> None:
+    """safetensors.torch.save_file, with the umask's file mode instead of the 0600 it creates files with."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    apply_default_mode(path)

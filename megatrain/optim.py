@@ -25,12 +25,16 @@ def build_optimizer(model: nn.Module, opt: OptimizerConfig, offload: str) -> tor
     groups = param_groups(model, opt.weight_decay)
     kw = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
     if torch.cuda.is_available():
+        from megatrain.telemetry.ds_output import announce_op_build
+
         if offload != "none":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+            announce_op_build("cpu_adam", "Adam on the CPU for offloaded optimizer states")
             return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
         from deepspeed.ops.adam import FusedAdam
 
+        announce_op_build("fused_adam", "FusedAdam GPU kernels")
         return FusedAdam(groups, adam_w_mode=True, **kw)
     return torch.optim.AdamW(groups, **kw)
 
@@ -38,9 +42,11 @@ def build_optimizer(model: nn.Module, opt: OptimizerConfig, offload: str) -> tor
 def lr_at(step: int, opt: OptimizerConfig, sch: ScheduleConfig, max_steps: int) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then decay to min_lr."""
     peak, floor = opt.lr, opt.min_lr
+    total = sch.decay_steps or max_steps
+    if sch.extend_step is not None and step >= sch.extend_step:
+        return _extended_lr(step, sch, peak, floor, total)
     if sch.warmup_steps and step < sch.warmup_steps:
         return peak * (step + 1) / sch.warmup_steps
-    total = sch.decay_steps or max_steps
     if sch.decay == "constant":
         return peak
     if sch.decay == "wsd":  # warmup, stable at peak, then linear cool-down over the last fraction
@@ -55,6 +61,33 @@ def lr_at(step: int, opt: OptimizerConfig, sch: ScheduleConfig, max_steps: int) 
     if sch.decay == "linear":
         return peak - (peak - floor) * frac
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * frac))
+
+
+def _decay_shape(frac: float, sch: ScheduleConfig) -> float:
+    """The decay's fraction of (start - floor) left after ``frac`` of its span: 1 at 0, 0 at 1."""
+    frac = min(1.0, max(0.0, frac))
+    if sch.decay == "constant":
+        return 1.0
+    if sch.decay == "wsd":
+        start = 1.0 - sch.wsd_decay_fraction
+        return 1.0 if frac < start else 1.0 - (frac - start) / max(sch.wsd_decay_fraction, 1e-12)
+    if sch.decay == "linear":
+        return 1.0 - frac
+    return 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def _extended_lr(step: int, sch: ScheduleConfig, peak: float, floor: float, total: int) -> float:
+    """After an extension (``schedule.on_extend``) at step s0 = extend_step with LR v = extend_lr:
+
+    - continue: v down to min_lr at the new end, in the decay's shape: lr(s0) = v, so no jump;
+    - rewarm: v back up to the peak over warmup_steps (WSD-style re-warm), then the decay to the new end."""
+    s0, v = sch.extend_step, sch.extend_lr
+    if sch.extend_mode == "rewarm":
+        w = sch.warmup_steps
+        if step < s0 + w:
+            return v + (peak - v) * (step - s0) / w
+        s0, v = s0 + w, peak
+    return floor + (v - floor) * _decay_shape((step - s0) / max(1, total - s0), sch)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:

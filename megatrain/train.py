@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from megatrain.telemetry.console import pipe_safe
+
 log = logging.getLogger("megatrain.train")
 
 DEMO_DEFAULTS = [
@@ -53,10 +55,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="print the resolved config, batch arithmetic, parameters, FLOPs and memory; touch nothing")
     p.add_argument("--world-size", type=int, default=None, help="dry run: assume this many processes")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate the run's checkpoint on the valid and test splits and eval.datasets (loss, "
+                        "perplexity, to metrics.jsonl), then exit: eval.only=true")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args, unknown = p.parse_known_args(argv)
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     args.overrides += [u for u in unknown if not u.startswith("--local_rank")]
+    if args.eval_only:
+        args.overrides.append("eval.only=true")
     bad = [u for u in args.overrides if u.startswith("--")]
     if bad:
         p.error(f"unknown option(s) {bad}; config keys are written without dashes: key=value")
@@ -70,6 +77,7 @@ def resolve_config(args: argparse.Namespace):
     return load_config(args.config, (DEMO_DEFAULTS if demo else []) + args.overrides)
 
 
+@pipe_safe
 def main(argv: Optional[list[str]] = None) -> int:
     from megatrain.launch.exit_status import record
 
@@ -82,6 +90,9 @@ def _main(argv: Optional[list[str]] = None) -> int:
     from megatrain.telemetry.logs import setup_logging
 
     args = parse_args(argv)
+    from megatrain.checkpoint import compat
+
+    compat.COMMAND_ARGS = list(sys.argv[1:] if argv is None else argv)  # for "run this next" hints
     setup_logging()
     if args.help_config:
         from megatrain.config import describe_fields
@@ -102,7 +113,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
                 raise ConfigError(f"--world-size {world}: must be >= 1")
             sys.stdout.write(dry_run_report(cfg, world) + "\n")
             return 0
-        return run(cfg)
+        return run(cfg, user_config=args.config)
     except errors as e:
         log.error("error: %s", e)
         return 2
@@ -114,7 +125,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
         return 130
 
 
-def run(cfg) -> int:
+def run(cfg, user_config: Optional[str] = None) -> int:
     import torch
     import torch.distributed as dist
 
@@ -124,7 +135,10 @@ def run(cfg) -> int:
     from megatrain.launch.run_lock import hold_run_dir
     from megatrain.parallel.state import ParallelState
 
+    from megatrain.telemetry.ds_output import use_cpu_accelerator
+
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    use_cpu_accelerator(device_type)  # before deepspeed is first imported
     if cfg.train.precision == "auto":
         cfg.train.precision = "bf16" if device_type == "cuda" else "fp32"
     if cfg.train.precision == "fp16" and device_type == "cpu":
@@ -139,7 +153,7 @@ def run(cfg) -> int:
         _check_output_dirs(cfg)
         # One job per run directory, and no fresh start over step directories: both before anything is written.
         lock = hold_run_dir(Path(cfg.run.dir), st.rank, check=lambda: check_fresh_start(cfg))
-        return train_with(cfg, st, device).exit_code
+        return train_with(cfg, st, device, user_config).exit_code
     finally:
         if lock is not None:
             lock.release()
@@ -147,8 +161,9 @@ def run(cfg) -> int:
             dist.destroy_process_group()
 
 
-def train_with(cfg, st, device):
-    """Everything after the process group exists: data, engine, the loop. Returns the Trainer."""
+def train_with(cfg, st, device, user_config: Optional[str] = None):
+    """Everything after the process group exists: data, engine, the loop. Returns the Trainer.
+    ``user_config`` is the --config file, which the run never overwrites."""
     import torch.distributed as dist
 
     from megatrain.data.batch import plan_batch
@@ -166,12 +181,13 @@ def train_with(cfg, st, device):
     datasets, fingerprints = _build_datasets(cfg, st, plan, tokenizer)
     run_dir = Path(cfg.run.dir)
     if st.rank == 0:
-        _write_resolved_config(cfg, run_dir)
         log.info(start_report(cfg, st.world_size, st.dp_size, plan))
     dist.barrier()
     torch_seed(cfg.train.seed)
     built = build_engine(cfg, st, device, plan, ds_config)
     trainer = Trainer(cfg, st, built, datasets, run_dir, device, tokenizer=tokenizer, fingerprints=fingerprints)
+    if st.rank == 0 and not cfg.eval.only:  # after the resume checks: a refused start leaves config.yaml as it was
+        trainer.on_resumed = lambda: _write_resolved_config(cfg, run_dir, user_config)
     trainer.exit_code = trainer.train()
     return trainer
 
@@ -235,19 +251,48 @@ def _build_datasets(cfg, st, plan, tokenizer):
     from megatrain.data.loader import build_datasets, data_fingerprint
 
     n_train, n_valid = plan.train_samples(cfg.train.max_steps), plan.eval_samples(cfg.eval.steps)
-    datasets = build_datasets(cfg.data, seq_len=cfg.train.seq_len, num_samples={"train": n_train, "valid": n_valid},
+    wanted = {"train": n_train, "valid": n_valid, **({"test": n_valid} if cfg.eval.only else {})}
+    datasets = build_datasets(cfg.data, seq_len=cfg.train.seq_len, num_samples=wanted,
                               seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
                               tokenizer_sha256=tokenizer.sha256 if tokenizer else None)
+    if cfg.eval.only:
+        datasets.update(_eval_datasets(cfg, n_valid, tokenizer))
     return datasets, {"data": data_fingerprint(cfg.data), "tokenizer": tokenizer.sha256 if tokenizer else None}
 
 
-def _write_resolved_config(cfg, run_dir: Path) -> None:
+def _eval_datasets(cfg, n_samples: int, tokenizer) -> dict:
+    """eval.datasets: each prefix whole (its own "test" split), under the key "eval:PREFIX"."""
+    import dataclasses
+
+    from megatrain.data.loader import build_datasets
+
+    out = {}
+    for prefix in cfg.eval.datasets:
+        whole = dataclasses.replace(cfg.data, path=prefix, split="0,0,1")
+        out[f"eval:{prefix}"] = build_datasets(whole, seq_len=cfg.train.seq_len, num_samples={"test": n_samples},
+                                               seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
+                                               tokenizer_sha256=tokenizer.sha256 if tokenizer else None)["test"]
+    return out
+
+
+def _write_resolved_config(cfg, run_dir: Path, user_config: Optional[str] = None) -> Path:
+    """run.dir/config.yaml, unless that file is the user's --config (resuming with
+    ``--config RUN/config.yaml``): a file the user gave is an input and is never replaced, so the
+    resolved config then goes next to it, as config.resolved.yaml. Returns the path written."""
     from megatrain.config import config_to_yaml
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(config_to_yaml(cfg))
-    os.replace(tmp, run_dir / "config.yaml")
+    target, text = run_dir / "config.yaml", config_to_yaml(cfg)
+    if user_config and target.exists() and os.path.samefile(user_config, target):
+        if target.read_text(encoding="utf-8") == text:
+            return target
+        target = run_dir / "config.resolved.yaml"
+        log.info("run.dir/config.yaml is the --config file: left as it is; this start's resolved config is in %s",
+                 target)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+    return target
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,16 @@ from megatrain.telemetry.metrics import MetricsSink, device_peak_tflops, format_
 from megatrain.telemetry.pipe_timing import PipelineTimer, format_report
 
 log = logging.getLogger(__name__)
+
+def finished_hint(step: int, max_steps: int) -> str:
+    """What to run on a finished run: extend it (with the exact command) or evaluate it."""
+    from megatrain.checkpoint.compat import extend_command
+
+    more = extend_command(step, 2 * max_steps)
+    return (f"the run is already at step {step} (train.max_steps={max_steps}): nothing to train, the checkpoint is "
+            f"left as it is. To train on, raise the horizon and say how the learning rate goes on: {more} "
+            f"schedule.on_extend=continue (or =rewarm); to evaluate it: {extend_command(step, max_steps)} --eval-only")
+
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; slurm/train.sbatch requeues on it
 
@@ -43,6 +53,7 @@ class Trainer:
         self._batches: Optional[Iterator] = None
         self.history: list[dict] = []  # every logged record, for callers and tests
         self.exit_code = 0
+        self.on_resumed: Optional[Callable[[], None]] = None  # called on every rank once the resume succeeded
         # Skip / abort / stop decisions taken by all ranks together at every optimizer step.
         self.guard = res.StepGuard(self.engine, cfg.train, built.plan.grad_accum, built.is_pipeline, device)
         self.pipe_timer = None
@@ -60,19 +71,24 @@ class Trainer:
                                    global_batch_size=self.built.plan.global_batch, dp_rank=self.st.dp_rank,
                                    dp_size=self.st.dp_size, consumed_samples=self.consumed_samples,
                                    num_workers=self.cfg.data.num_workers, context=(self.st.cp_rank, self.st.cp_size),
-                                   **document_options(self.cfg.data))
+                                   num_micro_batches=self._micro_batches_left(), **document_options(self.cfg.data))
 
-    def _eval_batches(self) -> Optional[Iterator]:
+    def _micro_batches_left(self) -> int:
+        """What the rest of the run reads on this rank: the prefetch stops there, inside the built split."""
+        return max(0, self.cfg.train.max_steps - self.step) * self.built.plan.grad_accum
+
+    def _eval_batches(self, split: str = "valid") -> Optional[Iterator]:
         from megatrain.data.loader import build_micro_batches, document_options
 
-        ds = self.datasets.get("valid")
+        ds = self.datasets.get(split)
         if ds is None or len(ds) == 0:
             return None
         plan = self.built.plan
         # The same leading samples of the valid split at every evaluation, so evals are comparable.
         return build_micro_batches(ds, micro_batch_size=plan.micro_batch, global_batch_size=plan.eval_batch,
                                    dp_rank=self.st.dp_rank, dp_size=plan.dp_size, consumed_samples=0,
-                                   context=(self.st.cp_rank, self.st.cp_size), **document_options(self.cfg.data))
+                                   context=(self.st.cp_rank, self.st.cp_size), num_micro_batches=self.cfg.eval.steps,
+                                   **document_options(self.cfg.data))
 
     # ------------------------------------------------------------------ steps
 
@@ -121,6 +137,13 @@ class Trainer:
                 with wd.phase("resume from a checkpoint", factor=6):
                     progress = self.checkpointer.resume()
                 self.step, self.consumed_samples = progress.step, progress.consumed_samples
+                if self.on_resumed is not None:  # e.g. writing config.yaml: only once the resume checks passed
+                    self.on_resumed()
+                if self.cfg.eval.only:
+                    return self._eval_only(progress)
+                if self.step >= t.max_steps:
+                    log.info(finished_hint(self.step, t.max_steps))
+                    return 0
                 return self._loop(wd, signals)
         finally:
             self.checkpointer.close()  # the write in flight ends before exit (end, stop signal, Ctrl-C, error)
@@ -133,13 +156,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self._batches = self._train_batches()
         tokens_per_step = self.built.plan.global_batch * t.seq_len
-        if self.step >= t.max_steps:
-            log.warning("the run is at step %d, already at or past train.max_steps=%d: nothing to train (raise "
-                        "train.max_steps to continue); evaluating only, the checkpoint is left as it is",
-                        self.step, t.max_steps)
-        else:
-            log.info("training from step %d to %d (%d samples consumed)", self.step, t.max_steps,
-                     self.consumed_samples)
+        log.info("training from step %d to %d (%d samples consumed)", self.step, t.max_steps, self.consumed_samples)
         start = last = time.time()
         loss_sum, n_loss, n_acc, steps_at_start = 0.0, 0, 0, self.step
         while self.step < t.max_steps:
@@ -243,8 +260,9 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and samples
 
     @torch.no_grad()
-    def evaluate(self) -> Optional[float]:
-        batches = self._eval_batches()
+    def evaluate(self, split: str = "valid") -> Optional[float]:
+        """Mean loss over the first eval.steps micro-batches of ``split`` (a key of the datasets)."""
+        batches = self._eval_batches(split)
         if batches is None or self.cfg.eval.steps <= 0:
             return None
         eng = self.engine
@@ -262,40 +280,51 @@ class Trainer:
             eng.train()
             batches.close()  # its prefetch thread must not outlive the evaluation
         value = self._dp_mean(loss)
-        rec = {"step": self.step, "eval_loss": value, "eval_ppl": math.exp(min(value, 50.0))}
-        log.info("eval step %d | loss %.4f | ppl %.1f", self.step, value, rec["eval_ppl"])
+        if split != "valid" or self.cfg.eval.only:  # eval-only reports: not points of the training curve
+            rec = {"step": self.step, "eval_only": True, "split": split, "split_loss": value,
+                   "split_ppl": math.exp(min(value, 50.0))}
+            log.info("eval-only step %d | %s | loss %.4f | ppl %.2f", self.step, split, value, rec["split_ppl"])
+        else:
+            rec = {"step": self.step, "eval_loss": value, "eval_ppl": math.exp(min(value, 50.0))}
+            log.info("eval step %d | loss %.4f | ppl %.1f", self.step, value, rec["eval_ppl"])
         self.metrics.write(rec)
         self.history.append(rec)
         return value
 
+    def _eval_only(self, progress: Any) -> int:
+        """eval.only: loss and perplexity of the resumed weights on valid, test and every eval.datasets prefix."""
+        from megatrain.config import ConfigError
+
+        if self.step == 0:
+            raise ConfigError(f"eval.only: no checkpoint to evaluate under {self.run_dir / 'checkpoints'} "
+                              f"(train.resume={self.cfg.train.resume}); point run.dir at a run, or train.resume at "
+                              f"a checkpoint")
+        splits = [s for s in ("valid", "test") if s in self.datasets]
+        splits += [k for k in self.datasets if k.startswith("eval:")]
+        if not splits:
+            raise ConfigError("eval.only: nothing to evaluate: data.split gives the valid and test splits no weight "
+                              "and eval.datasets is empty")
+        for split in splits:
+            self.evaluate(split)
+        log.info("evaluated step %d on %d dataset(s): %s (written to %s)", self.step, len(splits),
+                 ", ".join(splits), self.run_dir / "metrics.jsonl")
+        return 0
+
     @torch.no_grad()
     def sample(self) -> list[str]:
-        """Generate from the configured prompts on every rank in lockstep (TP and ZeRO-3 need all ranks)."""
+        """Generate from the configured prompts on every rank in lockstep (TP, PP and ZeRO-3 need all ranks)."""
         if self.tokenizer is None or not self.cfg.eval.prompts or self.cfg.eval.sample_tokens <= 0:
-            return []
-        if self.built.is_pipeline:
-            log.info("text samples are skipped under pipeline parallelism (evaluation loss still runs)")
             return []
         if self.cfg.parallel.sequence_parallel or self.st.cp_size > 1:
             log.info("text samples are skipped under sequence/context parallelism (a prompt's length is no multiple "
                      "of the split; evaluation loss still runs)")
             return []
-        from megatrain.model.generate import generate
+        from megatrain.samples import sample_texts
 
-        module = self.engine.module
-        module.eval()
-        outs = []
-        try:
-            for prompt in self.cfg.eval.prompts:
-                ids = self.tokenizer.encode(prompt)
-                new = generate(module, ids, self.cfg.eval.sample_tokens, self.cfg.train.seq_len, self.device,
-                               top_p=self.cfg.eval.top_p, temperature=self.cfg.eval.temperature,
-                               seed=self.cfg.train.seed + self.step, eos_id=self.tokenizer.eos_id,
-                               vocab_limit=self.tokenizer.vocab_size)  # model.vocab_size may be padded past it
-                text = self.tokenizer.decode(new)
-                outs.append(prompt + text)
-                log.info("sample @ step %d: %r", self.step, prompt + text)
-        finally:
-            module.train()
-        self.metrics.write({"step": self.step, "samples": outs})
+        outs = sample_texts(self.built, self.st, self.cfg, self.tokenizer, self.device, self.cfg.train.seed + self.step)
+        for text in outs:
+            log.info("sample @ step %d: %r", self.step, text)
+        rec = {"step": self.step, "samples": outs}
+        self.metrics.write(rec)
+        self.history.append(rec)
         return outs

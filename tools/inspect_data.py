@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from megatrain.data.indexed import DataFormatError, IndexedDataset  # noqa: E402
+from megatrain.telemetry.console import pipe_safe  # noqa: E402
 
 
 def cmd_verify(args) -> int:
@@ -78,6 +79,7 @@ def cmd_decode(args) -> int:
     return 0
 
 
+@pipe_safe
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)

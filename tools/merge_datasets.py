@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatrain.data.indexed import DataFormatError, merge_datasets, normalize_prefix  # noqa: E402
 from megatrain.files import check_not_inputs  # noqa: E402
+from megatrain.telemetry.console import pipe_safe  # noqa: E402
 
 
 def _natural(s: str) -> list:
@@ -39,6 +40,7 @@ def expand_inputs(items: list[str]) -> list[str]:
     return prefixes
 
 
+@pipe_safe
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="dataset prefixes, or directories of them")

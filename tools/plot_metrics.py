@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatrain.telemetry.jsonl import read_records  # noqa: E402
+from megatrain.telemetry.console import pipe_safe  # noqa: E402
 
 
 def load_records(path: Path) -> list[dict]:
@@ -72,6 +73,7 @@ def check_out(out: Path, metrics: Path) -> str:
     return ""
 
 
+@pipe_safe
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path)

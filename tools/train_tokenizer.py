@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatrain.data.indexed import DataFormatError  # noqa: E402
 from megatrain.data.preprocess import PreprocessOptions, check_options, iter_records, _is_json  # noqa: E402
 from megatrain.data.tokenizer import Tokenizer, check_tokenizer_outputs, train_tokenizer  # noqa: E402
+from megatrain.telemetry.console import pipe_safe  # noqa: E402
 
 logger = logging.getLogger("train_tokenizer")
 
@@ -111,6 +112,7 @@ def explain(msg: str, args: argparse.Namespace) -> str:
     return msg
 
 
+@pipe_safe
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")

@@ -92,7 +92,7 @@ def _read_json(path: Path, what: str) -> Any:
 def write_model_shard(ckpt_dir: PathLike, tp_rank: int, pp_rank: int, tensors: dict[str, torch.Tensor],
                       tp: int, pp: int) -> None:
     """Write one (tp_rank, pp_rank) shard: canonical names -> this rank's TP slices, in safetensors."""
-    from safetensors.torch import save_file
+    from megatrain.files import save_safetensors
 
     if not (0 <= tp_rank < tp and 0 <= pp_rank < pp):
         raise ValueError(f"shard (tp_rank={tp_rank}, pp_rank={pp_rank}) outside tp={tp}, pp={pp}")
@@ -101,7 +101,7 @@ def write_model_shard(ckpt_dir: PathLike, tp_rank: int, pp_rank: int, tensors: d
     data = _cpu_unshared(tensors)
     meta = {"tp_rank": str(tp_rank), "pp_rank": str(pp_rank), "tp": str(tp), "pp": str(pp), "format": "pt"}
     with atomic_path(path, fsync=True) as tmp:
-        save_file(data, str(tmp), metadata=meta)
+        save_safetensors(data, tmp, metadata=meta)
 
 
 def _cpu_unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

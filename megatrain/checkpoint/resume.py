@@ -50,7 +50,8 @@ def resume(ck: RunParts) -> Progress:
         ck.resumed_step = 0
         return Progress(0, 0)
     meta = layout.read_meta(path)
-    compat.check_compatible(ck.cfg, ck.fingerprints, meta, path)
+    extended = compat.plan_extension(ck.cfg, meta, int(meta["step"]))
+    compat.check_compatible(ck.cfg, ck.fingerprints, meta, path, schedule_settled=extended)
     step, here = int(meta["step"]), compat.topology_of(ck.cfg, ck.st)
     if meta.get("weights_only"):
         load_weights_only(ck, path, meta)
@@ -73,8 +74,9 @@ def resume(ck: RunParts) -> Progress:
         how = "weights only (topology changed, no portable optimizer state)"
     if ck.guard is not None:
         ck.guard.load_state_dict(meta.get("resilience"))
-    if "schedule" in ck.cfg.train.resume_allow_changes:
+    if ("schedule" in ck.cfg.train.resume_allow_changes or extended) and not ck.cfg.eval.only:
         apply_schedule(ck, step)
+        _log_lr_change(ck.cfg, meta, step)
     ck.resumed_step = step
     log.info("resumed from %s: step %d, %d samples consumed (%s)", path, step, meta["consumed_samples"], how)
     return Progress(step, int(meta["consumed_samples"]))
@@ -139,6 +141,21 @@ def _set_progress(ck: RunParts, step: int, consumed: int, meta: dict) -> None:
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
             warnings.simplefilter("ignore")
             sched.step()
+
+
+def _log_lr_change(cfg, meta: dict, step: int) -> None:
+    """Whenever a resume changes the schedule: the LR the last step ran at and the one the next step gets."""
+    from megatrain.optim import lr_at
+
+    if not meta.get("schedule") or meta["schedule"] == compat.schedule_fingerprint(cfg):
+        return
+    before = compat.lr_after(meta["schedule"], cfg, step)
+    after = lr_at(step, cfg.optimizer, cfg.schedule, cfg.train.max_steps)
+    how = {"continue": "continuing the decay from there", "rewarm": "re-warming to the peak over "
+           f"{cfg.schedule.warmup_steps} steps, then decaying"}.get(cfg.schedule.extend_mode or "", "the new schedule")
+    log.warning("learning rate: step %d ran at %.3g (the checkpoint's schedule); step %d gets %.3g (%s, to "
+                "optimizer.min_lr=%.3g at step %d)", step, before, step + 1, after, how, cfg.optimizer.min_lr,
+                cfg.schedule.decay_steps or cfg.train.max_steps)
 
 
 def apply_schedule(ck: RunParts, step: int) -> None:

@@ -29,6 +29,7 @@ from megatrain.config import Config, ConfigError, validate
 from megatrain.convert import gguf_export, hf_export, verify
 from megatrain.convert.source import ConversionError, Source, load_source, load_tokenizer
 from megatrain.files import file_in_the_way, replace_dir
+from megatrain.telemetry.console import pipe_safe
 
 log = logging.getLogger("megatrain.convert")
 
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@pipe_safe
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO

@@ -101,7 +101,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def write_hf_weights(out: Path, tensors: dict[str, torch.Tensor], max_bytes: int,
                      advance: Callable[[int], None]) -> int:
     """Safetensors file(s) plus the index when there is more than one; returns the bytes written."""
-    from safetensors.torch import save_file
+    from megatrain.files import save_safetensors
 
     sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
     groups = plan_shards(sizes, max_bytes)
@@ -109,7 +109,7 @@ def write_hf_weights(out: Path, tensors: dict[str, torch.Tensor], max_bytes: int
         [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     weight_map = {}
     for fname, group in zip(names, groups):
-        save_file({n: tensors[n].contiguous() for n in group}, str(out / fname), metadata={"format": "pt"})
+        save_safetensors({n: tensors[n].contiguous() for n in group}, out / fname, metadata={"format": "pt"})
         weight_map.update({n: fname for n in group})
         advance(len(group))
     if len(groups) > 1:

@@ -91,6 +91,39 @@ def load_source(path: Any, kind: str = "auto", tokenizer: Optional[Any] = None, 
 # --------------------------------------------------------------------------- megatrain
 
 
+def load_source_for_rank(path: Any, tp_rank: int, tp: int, tokenizer: Optional[Any] = None,
+                         verify: str = "sizes") -> Source:
+    """Like :func:`load_source`, but ``weights`` holds only this TP rank's slices, cut for ``tp``
+    (``LlamaModel(tp_group of size tp).state_dict()`` names and shapes): what a tensor-parallel
+    reader such as ``megatrain-generate`` loads. A megatrain checkpoint is re-cut one tensor at a
+    time; an HF directory is read whole and cut."""
+    path = Path(path)
+    if detect_kind(path) == "megatrain":
+        ckpt = resolve_checkpoint_dir(path, verify)
+        meta, weights = layout.load_weights_for_rank(ckpt, tp_rank, tp, verify=verify)
+        cfg = layout.model_config_of(meta, ckpt)
+        src = Source("megatrain", ckpt, cfg, meta["config"], weights, meta, (meta.get("source") or {}).get("hf_config"))
+    else:
+        src = load_hf_dir(path)
+        if tp > 1:
+            src.weights = cut_for_tp(src.weights, src.model, tp_rank, tp)
+    src.tokenizer = find_tokenizer(src, Path(tokenizer) if tokenizer else None)
+    return src
+
+
+def cut_for_tp(weights: dict[str, torch.Tensor], cfg: ModelConfig, tp_rank: int, tp: int) -> dict[str, torch.Tensor]:
+    """This TP rank's slices of canonical full tensors (the split ``layout.split_for_topology`` writes)."""
+    dims = {n: d for n, (_, d) in layout.model_layout(cfg).items()}
+    out = {}
+    for name, t in weights.items():
+        d = dims.get(name)
+        if d is not None and t.shape[d] % tp:
+            raise ConfigError(f"{name}: dimension {d} of {tuple(t.shape)} is not divisible by {tp} ranks; "
+                              f"run on a number of ranks that divides it")
+        out[name] = t if d is None else t.chunk(tp, dim=d)[tp_rank].contiguous()
+    return out
+
+
 def _load_megatrain(path: Path, verify: str) -> Source:
     ckpt = resolve_checkpoint_dir(path, verify)  # the checkpoint megatrain-train would resume from
     meta, weights = layout.load_canonical_weights(ckpt, verify=verify)

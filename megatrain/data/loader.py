@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -283,9 +284,13 @@ class _WithStarts:
         return len(self.wrapped)
 
 
+_END = object()  # put by the prefetch thread after the last micro-batch of a bounded sampler
+
+
 def _produce(indices: Iterator[range], dataset, out: queue.Queue, stop: threading.Event, pin: bool,
              collate=_collate) -> None:
-    """Prefetch thread: assemble micro-batches ahead of the consumer until ``stop`` is set."""
+    """Prefetch thread: assemble micro-batches ahead of the consumer until ``stop`` is set or the
+    indices run out (then ``_END``)."""
     try:
         for ids in indices:
             batch = collate([dataset[i] for i in ids])
@@ -299,6 +304,7 @@ def _produce(indices: Iterator[range], dataset, out: queue.Queue, stop: threadin
                     continue
             if stop.is_set():
                 return
+        out.put(_END)
     except BaseException as e:  # handed to the consumer, raised there
         out.put(e)
 
@@ -324,17 +330,19 @@ class MicroBatchSampler:
     ``context=(rank, size)``: context parallelism; every rank of a context group reads the same samples
     (they share a DP rank) and keeps its contiguous 1/size of each sequence, (micro_batch, seq_len/size).
     Labels are shifted before the slice, so the label of a slice's last token is the next slice's first.
+    ``num_micro_batches`` bounds the stream (then StopIteration): the prefetch then never reads
+    samples the caller will not use, so a split built for exactly that many is never read past.
     """
 
     def __init__(self, dataset, *, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int,
                  consumed_samples: int = 0, prefetch: int = 4, num_workers: int = 0,
                  pin_memory: Optional[bool] = None, context: tuple[int, int] = (0, 1),
-                 document_layout: bool = False, eod_mask_loss: bool = False):
+                 document_layout: bool = False, eod_mask_loss: bool = False,
+                 num_micro_batches: Optional[int] = None):
         check_batch_arguments(micro_batch_size, global_batch_size, dp_rank, dp_size, consumed_samples)
         import torch
 
         self.context = context
-
         self.dataset = _Wrapped(dataset)
         self._collate = _collate
         if document_layout or eod_mask_loss:
@@ -346,6 +354,8 @@ class MicroBatchSampler:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._indices = micro_batch_indices(micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
                                             dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples)
+        if num_micro_batches is not None:
+            self._indices = itertools.islice(self._indices, max(0, num_micro_batches))
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         if num_workers > 0:
@@ -395,6 +405,9 @@ class MicroBatchSampler:
             except queue.Empty:
                 if not self._thread.is_alive():
                     raise RuntimeError("the data prefetch thread stopped without an error") from None
+        if item is _END:
+            self._queue.put(_END)  # every later call ends too
+            raise StopIteration
         if isinstance(item, BaseException):
             raise item
         return item
@@ -407,10 +420,11 @@ class MicroBatchSampler:
 def build_micro_batches(dataset, *, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int,
                         consumed_samples: int, num_workers: int = 0, prefetch: int = 4,
                         context: tuple[int, int] = (0, 1), document_layout: bool = False,
-                        eod_mask_loss: bool = False) -> MicroBatchSampler:
-    """This DP rank's (tokens, labels[, position_ids]) micro-batches, in order, forever (see
-    :class:`MicroBatchSampler`)."""
+                        eod_mask_loss: bool = False, num_micro_batches: Optional[int] = None) -> MicroBatchSampler:
+    """This DP rank's (tokens, labels[, position_ids]) micro-batches, in order, forever or for
+    ``num_micro_batches`` (see :class:`MicroBatchSampler`)."""
     return MicroBatchSampler(dataset, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
                              dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples,
                              num_workers=num_workers, prefetch=prefetch, context=context,
-                             document_layout=document_layout, eod_mask_loss=eod_mask_loss)
+                             document_layout=document_layout, eod_mask_loss=eod_mask_loss,
+                             num_micro_batches=num_micro_batches)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,12 +112,15 @@ def build_engine(cfg: Config, st: ParallelState, device: torch.device, plan: Bat
     import deepspeed
 
     from megatrain.model import kernels
+    from megatrain.telemetry import ds_output
 
     mode = kernels.configure_kernels(cfg.train.fused_kernels,  # before any module exists
                                      document_attention=cfg.train.document_attention if cfg.data.document_mask else None)
     internals.check_version()
     # Wrap the existing process group as DeepSpeed's comm backend; PipelineModule needs it already.
-    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
+    ds_output.prepare_comm_ops(st.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", st.world_size)))
+    with ds_output.deepspeed_prints_to_debug(log):  # "... built successfully"
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
     ctx = build_ctx(cfg, st, device)
     if st.pp_size > 1:
         module = build_pipeline_module(cfg, st, ctx).to(device)
@@ -129,9 +133,10 @@ def build_engine(cfg: Config, st: ParallelState, device: torch.device, plan: Bat
     parallelize(module, cfg.train)
     optimizer = build_optimizer(module, cfg.optimizer, cfg.deepspeed.offload)
     scheduler = build_scheduler(optimizer, cfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-        mpu=None if st.pp_size > 1 else st, dist_init_required=False)
+    with ds_output.deepspeed_prints_to_debug(log):  # its memory reports ("MA ... Max_MA ...")
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            mpu=None if st.pp_size > 1 else st, dist_init_required=False)
     log.info("DeepSpeed engine: %s, ZeRO-%d, %s, %s kernels, micro-batch %d x accumulation %d x DP %d = %d "
              "samples/step", "pipeline" if st.pp_size > 1 else "plain", cfg.deepspeed.zero_stage, cfg.train.precision,
              mode,

@@ -11,7 +11,9 @@ relies on, so that a DeepSpeed upgrade is reviewed here and nowhere else. What i
   ``_get_param_partition_rank``) and the ZeRO-1/2 flat groups;
 - the engine's optimizer-step entry point (``_take_model_step``, ``_step_applied``) that the step
   guard gates, and the pipeline engine's ``_INSTRUCTION_MAP`` that pipeline timing wraps;
-- the data classes DeepSpeed pickles into its checkpoint files.
+- the data classes DeepSpeed pickles into its checkpoint files;
+- the table of ops usable on this machine (``deepspeed.ops.__compatible_ops__``), where an op the
+  run does not need (the shared-memory all-reduce of a single process) is marked unavailable.
 """
 
 from __future__ import annotations
@@ -25,6 +27,28 @@ import torch
 log = logging.getLogger(__name__)
 
 CHECKED_VERSION = "0.19.8"
+
+
+def disable_op(op_name: str) -> None:
+    """Make DeepSpeed treat ``op_name`` as unavailable here, so that it is neither compiled nor loaded:
+    the comm backend checks this table before building its shared-memory op (and falls back to plain
+    torch.distributed, as on a platform without it)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[op_name] = False
+
+
+def clear_pipeline_loss_total(engine: Any) -> None:
+    """Empty the pipeline engine's running ``total_loss``. ``train_batch`` clears it when it starts but
+    ``eval_batch`` does not, so an ``eval_batch(compute_loss=False)`` after training adds its logits
+    to the last training loss (a shape error); inference for text samples clears it around the call."""
+    engine.total_loss = None
+
+
+def op_compatible(op_name: str) -> bool:
+    import deepspeed.ops
+
+    return bool(deepspeed.ops.__compatible_ops__.get(op_name))
 
 
 def check_version() -> None:

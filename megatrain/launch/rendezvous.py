@@ -51,7 +51,6 @@ def init_distributed(dist_cfg: Any, device_type: str) -> Launch:
     info = discover_launch(os.environ, float(dist_cfg.timeout_s))
     backend = _pick_backend(dist_cfg.backend, device_type)
     launch = Launch(info, backend, _pick_device(info, device_type))
-    logger.info("launch: %s; backend %s", info.describe(), backend)
     if dist.is_initialized():
         if (dist.get_rank(), dist.get_world_size()) != (info.rank, info.world_size):
             raise LaunchError(f"torch.distributed is already initialised as rank {dist.get_rank()} of "
@@ -67,6 +66,8 @@ def init_distributed(dist_cfg: Any, device_type: str) -> Launch:
             extra["device_id"] = torch.device("cuda", launch.device_index)  # eager NCCL init: errors surface here
         dist.init_process_group(backend, store=launch.store, rank=info.rank, world_size=info.world_size,
                                 timeout=timedelta(seconds=float(dist_cfg.timeout_s)), **extra)
+    # after the rendezvous: a single process's port is the one the kernel chose, not "<free port>"
+    logger.info("launch: %s; backend %s", info.describe(), backend)
     launch.preflight(float(dist_cfg.preflight_timeout_s))
     return launch
 

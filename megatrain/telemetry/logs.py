@@ -8,6 +8,19 @@ import socket
 import sys
 
 
+class _Handler(logging.StreamHandler):
+    """A console handler that stops writing, without a "Logging error" traceback, once its reader
+    has gone (``megatrain-train ... | head``)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            from megatrain.telemetry.console import silence_stdout
+
+            silence_stdout()
+            return
+        super().handleError(record)
+
+
 class _RankFilter(logging.Filter):
     def __init__(self, rank: int, host: str):
         super().__init__()
@@ -26,17 +39,13 @@ def setup_logging(level: str = "INFO", rank: int | None = None, all_ranks: bool 
     root = logging.getLogger("megatrain")
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _Handler(sys.stdout)
     handler.addFilter(_RankFilter(rank, host))
     handler.setFormatter(logging.Formatter("%(asctime)s [r%(rank)d %(host)s] %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO) if rank == 0 or all_ranks else logging.WARNING)
     root.propagate = False
-    # DeepSpeed is chatty at INFO on every rank; its warnings still come through.
+    # DeepSpeed is chatty at INFO on every rank; its warnings still come through. Its logger is
+    # named "DeepSpeed"; importing deepspeed here would cost seconds (and its accelerator warning)
+    # even for --help-config, so the level is set by name and applies once deepspeed is imported.
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    try:
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.setLevel(logging.WARNING)
-    except Exception:  # noqa: BLE001 - deepspeed missing or changed: nothing to quiet
-        pass

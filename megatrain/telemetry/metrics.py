@@ -51,6 +51,15 @@ def human_duration(s: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
+def human_flops(tflops: float) -> str:
+    """Achieved FLOP/s per device in a unit that shows it: a CPU or a tiny model makes well under
+    one TFLOP/s, which ``.1f`` TFLOP/s would print as 0.0."""
+    for unit, scale in (("TFLOP/s", 1.0), ("GFLOP/s", 1e3), ("MFLOP/s", 1e6)):
+        if tflops * scale >= 1.0:
+            return f"{tflops * scale:.1f} {unit}"
+    return f"{tflops * 1e6:.2f} MFLOP/s"
+
+
 def format_step_line(rec: dict[str, Any], max_steps: int, elapsed: float, eta: float) -> str:
     """`step 512/10000 (5.1%) | loss 7.0701 | ppl 1176.2 | lr 1.50e-04 | grad_norm 0.255 | tokens 16.8M |
     142,851 tok/s | 312 TFLOP/s | MFU 31.5% | mem 23.1 GiB | 58s elapsed | eta 1h02m`"""
@@ -59,7 +68,7 @@ def format_step_line(rec: dict[str, Any], max_steps: int, elapsed: float, eta: f
     if rec.get("grad_norm") is not None:
         parts.append(f"grad_norm {rec['grad_norm']:.3f}")
     parts += [f"tokens {human_count(rec['tokens'])}", f"{rec['tokens_per_s']:,.0f} tok/s",
-              f"{rec['tflops']:.1f} TFLOP/s"]
+              human_flops(rec["tflops"])]
     if rec.get("mfu") is not None:
         parts.append(f"MFU {100 * rec['mfu']:.1f}%")
     parts += [f"mem {rec['mem_gib']:.1f} GiB", f"{human_duration(elapsed)} elapsed", f"eta {human_duration(eta)}"]

@@ -83,7 +83,7 @@ def test_rerun_of_a_finished_run_trains_nothing_and_keeps_its_checkpoint(zygote,
     final = run / "checkpoints" / layout.tag_for_step(STEPS)
     before = {p: p.stat().st_mtime_ns for p in final.rglob("*")}
     assert run_to_end(zygote, run_args(pattern_dataset, run, "checkpoint.keep_last=3"), log) == [0]
-    assert f"already at or past train.max_steps={STEPS}: nothing to train" in log.read_text()
+    assert f"already at step {STEPS} (train.max_steps={STEPS}): nothing to train" in log.read_text()
     assert {p: p.stat().st_mtime_ns for p in final.rglob("*")} == before  # not saved again
 
 

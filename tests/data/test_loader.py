@@ -122,6 +122,35 @@ def test_past_the_end_starts_over(caplog):
     assert "starting over" in caplog.text
 
 
+class Recording(Identity):
+    """Identity that remembers every index read (by the prefetch thread too)."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.read = set()
+
+    def __getitem__(self, i):
+        self.read.add(i)
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_bounded_stream_never_reads_past_what_it_serves(caplog, num_workers):
+    # An evaluation of 3 micro-batches on a split built for exactly 3 x 2 samples: the prefetch used to
+    # read ahead into samples 6, 7, ... and warn "sample 6 is past the 6 samples built for this split".
+    ds = Recording(n=6)
+    it = build_micro_batches(ds, micro_batch_size=2, global_batch_size=2, dp_rank=0, dp_size=1,
+                             consumed_samples=0, num_micro_batches=3, num_workers=num_workers)
+    got = [next(it)[0][:, 0].tolist() for _ in range(3)]
+    assert got == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(StopIteration):
+        next(it)
+    it.close()
+    if num_workers == 0:  # (worker processes read their own copy of the dataset)
+        assert max(ds.read) == 5
+    assert "past the" not in caplog.text
+
+
 def test_build_datasets_splits(tmp_path):
     rng = np.random.default_rng(0)
     prefix = make_dataset(str(tmp_path / "d"), [rng.integers(0, 1000, 40).tolist() for _ in range(100)])

@@ -4,7 +4,6 @@ it off, and bad FP8 settings are refused before any data is read."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

@@ -15,6 +15,15 @@ def test_step_line_has_every_field():
                     "tokens 16.8M | 142,851 tok/s | 312.0 TFLOP/s | MFU 31.5% | mem 23.1 GiB | 58s elapsed | eta 1h02m")
 
 
+def test_step_line_shows_small_flop_rates():
+    # a CPU run of a small model: 0.04 TFLOP/s used to print as "0.0 TFLOP/s"
+    rec = {"step": 10, "loss": 7.0, "ppl": 1096.6, "lr": 1e-3, "grad_norm": None, "tokens": 20480,
+           "tokens_per_s": 3000, "tflops": 0.0412, "mfu": None, "mem_gib": 0.8}
+    line = format_step_line(rec, 20, 6, 6)
+    assert "| 41.2 GFLOP/s |" in line and "MFU" not in line
+    assert "| 3.0 MFLOP/s |" in format_step_line({**rec, "tflops": 3e-6}, 20, 6, 6)
+
+
 def test_wandb_offline_without_api_key(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)

@@ -50,7 +50,7 @@ def _run_errors() -> tuple:
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="megatrain-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML run config (sections as in megatrain/config.py)")
+    p.add_argument("--config", help="YAML run config (sections as in megatrain/config/__init__.py)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, batch arithmetic, parameters, FLOPs and memory; touch nothing")
     p.add_argument("--world-size", type=int, default=None, help="dry run: assume this many processes")

@@ -14,6 +14,7 @@ import torch.nn as nn
 from megatrain.config import Config
 from megatrain.data.batch import BatchPlan
 from megatrain.engine import internals
+from megatrain.telemetry import ds_output
 from megatrain.model.llama import Ctx, LlamaModel, head_logits, layer_parts, logits_loss
 from megatrain.model.names import pipeline_parts
 from megatrain.optim import build_optimizer, build_scheduler
@@ -104,6 +105,15 @@ class Built:
     ctx: Ctx
 
 
+def _prepare_comm_ops(world_size: int, local_world_size: int) -> None:
+    """Before ``deepspeed.init_distributed``: its shared-memory all-reduce helps only several
+    processes on one host, so where one process per host runs it is neither built nor loaded."""
+    if local_world_size <= 1 or world_size <= 1:
+        internals.disable_op(ds_output.SHM_OP)
+    elif internals.op_compatible(ds_output.SHM_OP):
+        ds_output.announce_op_build(ds_output.SHM_OP, "shared-memory all-reduce between the processes of one host")
+
+
 def build_engine(cfg: Config, st: ParallelState, device: torch.device, plan: BatchPlan, ds_config: dict) -> Built:
     """Model, optimizer, schedule and the DeepSpeed engine (ParallelState as ``mpu`` unless pipelined).
 
@@ -112,13 +122,12 @@ def build_engine(cfg: Config, st: ParallelState, device: torch.device, plan: Bat
     import deepspeed
 
     from megatrain.model import kernels
-    from megatrain.telemetry import ds_output
 
     mode = kernels.configure_kernels(cfg.train.fused_kernels,  # before any module exists
                                      document_attention=cfg.train.document_attention if cfg.data.document_mask else None)
     internals.check_version()
     # Wrap the existing process group as DeepSpeed's comm backend; PipelineModule needs it already.
-    ds_output.prepare_comm_ops(st.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", st.world_size)))
+    _prepare_comm_ops(st.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", st.world_size)))
     with ds_output.deepspeed_prints_to_debug(log):  # "... built successfully"
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
     ctx = build_ctx(cfg, st, device)

@@ -72,17 +72,6 @@ def announce_op_build(op_name: str, what: str) -> None:
                  "minutes; cached in %s", op_name, what, where.parent if where else "torch's extension cache")
 
 
-def prepare_comm_ops(world_size: int, local_world_size: int) -> None:
-    """Before ``deepspeed.init_distributed``: its shared-memory all-reduce helps only several
-    processes on one host, so where one process per host runs it is neither built nor loaded."""
-    from megatrain.engine import internals
-
-    if local_world_size <= 1 or world_size <= 1:
-        internals.disable_op(SHM_OP)
-    elif internals.op_compatible(SHM_OP):
-        announce_op_build(SHM_OP, "shared-memory all-reduce between the processes of one host")
-
-
 @contextlib.contextmanager
 def deepspeed_prints_to_debug(logger: logging.Logger = log) -> Iterator[None]:
     """Route what DeepSpeed ``print``s (memory reports, "built successfully") to ``logger.debug``,

@@ -194,7 +194,8 @@ def test_deepspeed_prints_go_to_debug_and_op_builds_are_announced(caplog, tmp_pa
 def test_one_process_skips_the_shared_memory_op():
     import deepspeed.ops
 
+    from megatrain.engine.build import _prepare_comm_ops
     from megatrain.telemetry import ds_output
 
-    ds_output.prepare_comm_ops(world_size=1, local_world_size=1)
+    _prepare_comm_ops(world_size=1, local_world_size=1)
     assert deepspeed.ops.__compatible_ops__[ds_output.SHM_OP] is False

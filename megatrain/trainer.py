@@ -144,9 +144,12 @@ class Trainer:
                 if self.step >= t.max_steps:
                     log.info(finished_hint(self.step, t.max_steps))
                     return 0
-                return self._loop(wd, signals)
+                try:
+                    return self._loop(wd, signals)
+                finally:  # the write in flight ends before exit, with the signal handlers still ours: a
+                    self.checkpointer.close()  # second Ctrl-C while it waits still stops at once
         finally:
-            self.checkpointer.close()  # the write in flight ends before exit (end, stop signal, Ctrl-C, error)
+            self.checkpointer.close()  # a no-op after the one above; for errors before the loop
             self.guard.remove()
             self.metrics.close()
             if self._batches is not None:  # stop the prefetch thread before the interpreter shuts down

@@ -23,8 +23,9 @@ def test_export_from_tp2_pp2_loads_and_matches(tmp_path, tokenizer_path):
     sd = make_checkpoint(tmp_path / "ck", cfg, tp=2, pp=2, tokenizer=tokenizer_path)
     assert convert(tmp_path / "ck", tmp_path / "hf", "--to", "hf") == 0
     files = sorted(p.name for p in (tmp_path / "hf").iterdir())
-    assert files == ["config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
-                     "tokenizer.model", "tokenizer_config.json"]
+    # .megatrain-convert.json marks the directory as this tool's output (--overwrite may replace only such)
+    assert files == [".megatrain-convert.json", "config.json", "generation_config.json", "model.safetensors",
+                     "special_tokens_map.json", "tokenizer.model", "tokenizer_config.json"]
     hc = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (hc["num_key_value_heads"], hc["rms_norm_eps"], hc["tie_word_embeddings"], hc["dtype"]) == \
         (2, 1e-5, False, "float32")

@@ -4,6 +4,7 @@ chunked loss as on one process, and a different one from training without the ma
 import pytest
 
 from megatrain.launch.testing import run_distributed
+from tests.tiny import max_rel_gap
 from tests.training.test_equivalence import STEPS, _many
 
 TOL = 1e-5
@@ -12,8 +13,7 @@ EOD = MASK + ["data.eod_mask_loss=true", "train.loss_chunk_tokens=16"]
 
 
 def _close(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b) == STEPS
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    return max_rel_gap(a, b, STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,9 @@
 """The same loss curve whatever the parallel layout: ZeRO 0-3, offload, TP, PP, TP x PP, accumulation."""
 
 import pytest
-import torch
 
 from megatrain.launch.testing import run_distributed
-from tests.tiny import tiny_run
+from tests.tiny import max_rel_gap, tiny_run, train_losses
 
 STEPS = 10
 RTOL = 1e-4
@@ -15,17 +14,7 @@ def _overrides(data: str, run_dir: str) -> list[str]:
 
 
 def _losses(data: str, run_dir: str, extra: list[str]) -> list[float]:
-    import torch.distributed as dist
-
-    from megatrain.config import load_config
-    from megatrain.parallel.state import ParallelState
-    from megatrain.train import train_with
-
-    cfg = load_config(None, _overrides(data, run_dir) + extra)
-    st = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
-    tr = train_with(cfg, st, torch.device("cpu"))
-    dist.barrier()
-    return [r["loss"] for r in tr.history if "loss" in r]
+    return train_losses(_overrides(data, run_dir) + extra)
 
 
 def _many(data: str, run_dir: str, layouts: dict[str, list[str]]) -> dict[str, list[float]]:
@@ -33,8 +22,7 @@ def _many(data: str, run_dir: str, layouts: dict[str, list[str]]) -> dict[str, l
 
 
 def _close(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b) == STEPS
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    return max_rel_gap(a, b, STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -5,34 +5,20 @@ Every curve must match one process's within 1e-5 relative (fp32). CP=2 x TP=2 wi
 is compared with one process) in tests/checkpoint/test_context_resume.py, which also resumes it."""
 
 import pytest
-import torch
 
 from megatrain.launch.testing import run_distributed
+from tests.tiny import max_rel_gap, tiny_run, train_losses
 
 STEPS = 10
 RTOL = 1e-5
 
 
 def _overrides(data: str, run_dir: str) -> list[str]:
-    return ["model.preset=debug", f"data.path={data}", "data.split=100,0,0", f"run.dir={run_dir}",
-            f"train.max_steps={STEPS}", "train.seq_len=32", "train.global_batch_size=4", "train.precision=fp32",
-            "train.resume=never", "logging.interval=1", "eval.steps=0", "eval.sample_tokens=0",
-            "checkpoint.save_at_end=false", "optimizer.lr=3e-3", "schedule.warmup_steps=2"]
+    return tiny_run(data, run_dir, STEPS, "train.resume=never", "checkpoint.save_at_end=false")
 
 
 def _losses(data: str, run_dir: str, extra: list[str]) -> list[float]:
-    import torch.distributed as dist
-
-    from megatrain.config import load_config
-    from megatrain.parallel.state import ParallelState
-    from megatrain.train import train_with
-
-    cfg = load_config(None, _overrides(data, run_dir) + extra)
-    p = cfg.parallel
-    st = ParallelState.build(p.tensor, p.pipeline, p.context)
-    tr = train_with(cfg, st, torch.device("cpu"))
-    dist.barrier()
-    return [r["loss"] for r in tr.history if "loss" in r]
+    return train_losses(_overrides(data, run_dir) + extra)
 
 
 def _many(data: str, run_dir: str, layouts: dict[str, list[str]]) -> dict[str, list[float]]:
@@ -40,8 +26,7 @@ def _many(data: str, run_dir: str, layouts: dict[str, list[str]]) -> dict[str, l
 
 
 def _close(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b) == STEPS
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    return max_rel_gap(a, b, STEPS)
 
 
 @pytest.fixture(scope="module")

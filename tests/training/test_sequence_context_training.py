@@ -7,26 +7,9 @@ is compared with one process) in tests/checkpoint/test_context_resume.py, which 
 import pytest
 
 from megatrain.launch.testing import run_distributed
-from tests.tiny import max_rel_gap, tiny_run, train_losses
+from tests.training.test_equivalence import _close, _many  # the same ten-step tiny run
 
-STEPS = 10
 RTOL = 1e-5
-
-
-def _overrides(data: str, run_dir: str) -> list[str]:
-    return tiny_run(data, run_dir, STEPS, "train.resume=never", "checkpoint.save_at_end=false")
-
-
-def _losses(data: str, run_dir: str, extra: list[str]) -> list[float]:
-    return train_losses(_overrides(data, run_dir) + extra)
-
-
-def _many(data: str, run_dir: str, layouts: dict[str, list[str]]) -> dict[str, list[float]]:
-    return {name: _losses(data, f"{run_dir}/{name}", extra) for name, extra in layouts.items()}
-
-
-def _close(a: list[float], b: list[float]) -> float:
-    return max_rel_gap(a, b, STEPS)
 
 
 @pytest.fixture(scope="module")
